@@ -1,0 +1,39 @@
+"""The KV-cache view the model's attention layers call during cached (incremental) forward passes.
+
+The model never imports inference code: an inference engine (or the simple contiguous reference cache in
+`astrai.model`) binds its storage for one forward step into an object meeting this protocol and passes it
+as `paged_cache`. The batch is ragged: row `b` already holds some cached positions and brings `T_b <= T`
+new tokens this step (rows are right-padded to `T`; padding is marked by the model's `input_mask`).
+
+For every layer the attention module:
+1. computes the entries of this step's tokens, `k`, `v` of shape (B, T, ...) (for GQA the per-head keys and
+   values `(B, T, n_kv_heads, head_dim)`; for MLA the KV latent `(B, T, kv_lora_rank)` and the shared RoPE
+   key `(B, T, qk_rope_head_dim)`: MLA caches those, not expanded K/V);
+2. calls `write(layer_id, k, v)`; the view stores row b's first `T_b` entries at that row's next positions;
+3. calls `gather(layer_id)` for every row's entries so far, `(B, S, ...)` with `S = max(seq_lens)`, rows
+   right-padded; positions `>= seq_lens[b]` of row b are padding and must be masked out.
+
+Key slot `j` of row `b` holds the token at absolute position `j`. Queries carry their absolute positions
+(`position_ids`, which the caller passes when it uses a cache), so query at position `p` attends to keys
+`j <= p` with `j < seq_lens[b]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class KVCacheView(Protocol):
+    @property
+    def seq_lens(self) -> Any:
+        """(B,) int64 tensor: valid cached positions per row once this step's entries are written."""
+        ...
+
+    def write(self, layer_id: int, k: Any, v: Any) -> None:
+        """Store this step's entries (B, T, ...) for `layer_id`."""
+        ...
+
+    def gather(self, layer_id: int) -> tuple[Any, Any]:
+        """Every row's cached entries for `layer_id`, (B, S, ...) each, right-padded."""
+        ...

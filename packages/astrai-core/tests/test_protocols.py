@@ -1,0 +1,55 @@
+from astrai.protocols import KVCacheView, OptimizerProtocol, SchedulerProtocol
+
+
+class Optim:
+    def __init__(self):
+        self.param_groups = [{"lr": 0.1}]
+        self.steps = 0
+
+    def step(self, closure=None):
+        self.steps += 1
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state_dict):
+        self.steps = state_dict["steps"]
+
+
+class Sched:
+    def step(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state_dict):
+        pass
+
+    def get_last_lr(self):
+        return [0.1]
+
+
+class View:
+    seq_lens = (3, 1)
+
+    def write(self, layer_id, k, v):
+        pass
+
+    def gather(self, layer_id):
+        return (), ()
+
+
+def test_structural_matches():
+    assert isinstance(Optim(), OptimizerProtocol)
+    assert isinstance(Sched(), SchedulerProtocol)
+    assert isinstance(View(), KVCacheView)
+
+
+def test_structural_mismatches():
+    assert not isinstance(Sched(), OptimizerProtocol)  # no zero_grad / param_groups
+    assert not isinstance(Optim(), SchedulerProtocol)  # no get_last_lr
+    assert not isinstance(Optim(), KVCacheView)
