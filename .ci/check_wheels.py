@@ -24,7 +24,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as out:
         for dist, expected in MODULES.items():
             subprocess.run(
-                [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", out, str(ROOT / "packages" / dist)],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "wheel",
+                    "--quiet",
+                    "--no-deps",
+                    "--wheel-dir",
+                    out,
+                    str(ROOT / "packages" / dist),
+                ],
                 check=True,
             )
             wheel = next(Path(out).glob(f"{dist.replace('-', '_')}-*.whl"))

@@ -1,14 +1,14 @@
 import argparse
+import importlib
 import subprocess
 import sys
 from importlib.metadata import EntryPoint
 
 import pytest
 
-import importlib
+from astrai.cli.version import installed_distributions
 
 cli_main = importlib.import_module("astrai.cli.main")
-from astrai.cli.version import installed_distributions
 
 # Entry points name "module:attr"; make this test module importable under a stable name for them.
 HERE = "astrai_core_test_cli_commands"

@@ -138,11 +138,38 @@ def test_lm_defaults_and_derived_fields():
 def test_lm_every_architecture_field_exists():
     names = {f.name for f in dataclasses.fields(AutoRegressiveLMConfig)}
     required = {
-        "vocab_size", "dim", "n_layers", "norm_eps", "dim_ffn", "tie_weight", "rope_scaling", "max_len", "rope_theta",
-        "attn_type", "n_heads", "n_kv_heads", "use_qk_norm", "use_gated_attention", "kv_lora_rank",
-        "qk_nope_head_dim", "qk_rope_head_dim", "ffn_type", "n_routed_experts", "n_shared_experts",
-        "n_activated_experts", "topk_method", "q_lora_rank", "v_head_dim", "attn_bias", "norm_topk_prob",
-        "routed_scaling_factor", "dim_ffn_expert", "n_dense_layers", "n_group", "topk_group", "aux_loss_coef",
+        "vocab_size",
+        "dim",
+        "n_layers",
+        "norm_eps",
+        "dim_ffn",
+        "tie_weight",
+        "rope_scaling",
+        "max_len",
+        "rope_theta",
+        "attn_type",
+        "n_heads",
+        "n_kv_heads",
+        "use_qk_norm",
+        "use_gated_attention",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "ffn_type",
+        "n_routed_experts",
+        "n_shared_experts",
+        "n_activated_experts",
+        "topk_method",
+        "q_lora_rank",
+        "v_head_dim",
+        "attn_bias",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "dim_ffn_expert",
+        "n_dense_layers",
+        "n_group",
+        "topk_group",
+        "aux_loss_coef",
     }
     assert required <= names
     enc = {f.name for f in dataclasses.fields(EncoderConfig)}
@@ -166,8 +193,15 @@ def test_lm_every_architecture_field_exists():
         (dict(rope_scaling={"type": "linear", "factor": -1}), "rope_scaling"),
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
         (
-            dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
-                               "original_max_position_embeddings": 64}),
+            dict(
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 4.0,
+                    "high_freq_factor": 1.0,
+                    "original_max_position_embeddings": 64,
+                }
+            ),
             "rope_scaling",
         ),
         (dict(dim="sixty-four"), "dim"),
@@ -184,8 +218,13 @@ def test_lm_invalid_shapes_name_field_and_value(changes, field):
         {"rope_type": "linear", "factor": 2.0},
         {"type": "dynamic", "factor": 2},
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 64},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
         {"rope_type": "default"},
     ],
 )
@@ -241,7 +280,10 @@ def test_moe_config():
         (dict(topk_method="noaux_tc"), "n_group"),
         (dict(topk_method="group_limited_greedy", n_group=3, topk_group=1), "n_group"),
         (dict(topk_method="noaux_tc", n_group=4, topk_group=5), "topk_group"),
-        (dict(topk_method="group_limited_greedy", n_group=4, topk_group=1, n_activated_experts=3), "n_activated_experts"),
+        (
+            dict(topk_method="group_limited_greedy", n_group=4, topk_group=1, n_activated_experts=3),
+            "n_activated_experts",
+        ),
         (dict(topk_method="noaux_tc", n_group=8, topk_group=2), "n_group"),
         (dict(n_dense_layers=3), "n_dense_layers"),
         (dict(dim_ffn_expert=0), "dim_ffn_expert"),
@@ -338,11 +380,39 @@ def test_train_config_defaults():
 def test_train_config_every_architecture_field_exists():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     expected = {
-        "model", "strategy", "dataset", "optimizer_fn", "scheduler_fn", "n_epoch", "batch_per_device",
-        "grad_accum_steps", "max_grad_norm", "gradient_checkpointing_modules", "start_epoch", "start_batch",
-        "ckpt_dir", "ckpt_interval", "log_dir", "log_interval", "metrics", "lora", "random_seed", "num_workers",
-        "prefetch_factor", "pin_memory", "nprocs", "backend", "master_addr", "master_port", "start_method",
-        "device_type", "val_dataset", "val_step", "parallel_mode", "executor_kwargs", "extra_kwargs",
+        "model",
+        "strategy",
+        "dataset",
+        "optimizer_fn",
+        "scheduler_fn",
+        "n_epoch",
+        "batch_per_device",
+        "grad_accum_steps",
+        "max_grad_norm",
+        "gradient_checkpointing_modules",
+        "start_epoch",
+        "start_batch",
+        "ckpt_dir",
+        "ckpt_interval",
+        "log_dir",
+        "log_interval",
+        "metrics",
+        "lora",
+        "random_seed",
+        "num_workers",
+        "prefetch_factor",
+        "pin_memory",
+        "nprocs",
+        "backend",
+        "master_addr",
+        "master_port",
+        "start_method",
+        "device_type",
+        "val_dataset",
+        "val_step",
+        "parallel_mode",
+        "executor_kwargs",
+        "extra_kwargs",
     }
     assert expected <= names
 
@@ -411,8 +481,12 @@ def test_train_config_user_registered_strategy(isolated_kinds):
 
 @pytest.mark.parametrize(
     "changes,field",
-    [(dict(rank=0), "rank"), (dict(alpha=0), "alpha"), (dict(dropout=1.0), "dropout"),
-     (dict(target_modules=[]), "target_modules")],
+    [
+        (dict(rank=0), "rank"),
+        (dict(alpha=0), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(target_modules=[]), "target_modules"),
+    ],
 )
 def test_lora_config_invalid(changes, field):
     with pytest.raises(ValueError, match=rf"LoRAConfig\.{field}"):

@@ -88,7 +88,9 @@ class _TrunkConfig(BaseModelConfig):
     attn_bias: bool = False  # bias on q/k/v projections (Qwen2)
 
     def validate(self) -> None:
-        _require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "dim_ffn", "max_len", "norm_eps", "rope_theta")
+        _require_positive(
+            self, "vocab_size", "dim", "n_layers", "n_heads", "dim_ffn", "max_len", "norm_eps", "rope_theta"
+        )
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         _require_positive(self, "n_kv_heads")
@@ -169,8 +171,12 @@ class AutoRegressiveLMConfig(_TrunkConfig):
     def _validate_moe(self) -> None:
         _require_positive(self, "n_routed_experts", "n_activated_experts", "routed_scaling_factor")
         if self.n_activated_experts > self.n_routed_experts:
-            _fail(self, "n_activated_experts", self.n_activated_experts,
-                  f"cannot exceed n_routed_experts={self.n_routed_experts}")
+            _fail(
+                self,
+                "n_activated_experts",
+                self.n_activated_experts,
+                f"cannot exceed n_routed_experts={self.n_routed_experts}",
+            )
         if self.n_shared_experts < 0:
             _fail(self, "n_shared_experts", self.n_shared_experts, "must be >= 0")
         if self.dim_ffn_expert is not None:
@@ -189,8 +195,8 @@ class AutoRegressiveLMConfig(_TrunkConfig):
                 _fail(self, "topk_group", self.topk_group, f"cannot exceed n_group={self.n_group}")
             group_size = self.n_routed_experts // self.n_group
             if self.n_activated_experts > self.topk_group * group_size:
-                _fail(self, "n_activated_experts", self.n_activated_experts,
-                      f"exceeds the {self.topk_group * group_size} experts of topk_group={self.topk_group} groups")
+                why = f"exceeds the {self.topk_group * group_size} experts of topk_group={self.topk_group} groups"
+                _fail(self, "n_activated_experts", self.n_activated_experts, why)
             # noaux_tc scores a group by the sum of its two best experts.
             if self.topk_method == "noaux_tc" and group_size < 2:
                 _fail(self, "n_group", self.n_group, "noaux_tc needs at least 2 experts per group")

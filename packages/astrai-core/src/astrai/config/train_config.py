@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from astrai.config.base import BaseConfig, live_field
 from astrai.factory import known_names
 
 METRICS = (
-    "loss", "lr", "val_loss", "grad_norm", "grad_std", "grad_max", "grad_min", "grad_mean", "grad_nan_num",
+    "loss",
+    "lr",
+    "val_loss",
+    "grad_norm",
+    "grad_std",
+    "grad_max",
+    "grad_min",
+    "grad_mean",
+    "grad_nan_num",
     "tokens_per_sec",
 )
 BUILTIN_STRATEGIES = ("seq", "sft", "dpo", "grpo")

@@ -22,7 +22,8 @@ registry of its own unless it is declared with `class X(Factory, share_registry=
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, ClassVar, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar
 
 from astrai.factory.registry import Registry
 
@@ -104,7 +105,8 @@ def check_arguments(target: Callable[..., Any], args: tuple, kwargs: dict, what:
     params = signature.parameters
     accepts_any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     allowed = [
-        n for n, p in params.items()
+        n
+        for n, p in params.items()
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
     if not accepts_any_keyword:

@@ -1,0 +1,64 @@
+import importlib
+import textwrap
+
+import pytest
+
+from astrai.cli.bench import BenchRow, discover, format_table, run_benchmark
+
+cli_main = importlib.import_module("astrai.cli.main")
+
+
+def _write(tmp_path, name, body):
+    path = tmp_path / f"bench_{name}.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+GOOD = """
+def main(argv=None):
+    quick = "--quick" in (argv or [])
+    return [dict(metric="decode", unit="tok/s", ours=200.0 if quick else 300.0, peer=100.0, peer_name="HF",
+                 limit=400.0, limit_name="bandwidth bound")]
+"""
+
+
+def test_row_ratios():
+    row = BenchRow("x", "m", "tok/s", ours=300.0, peer=100.0, limit=600.0)
+    assert row.ratio == 3.0 and row.share_of_limit == 0.5
+    assert BenchRow("x", "m", "tok/s", ours=1.0).ratio is None
+
+
+def test_run_and_table(tmp_path):
+    rows = run_benchmark(_write(tmp_path, "decode", GOOD), ["--quick"])
+    assert rows == [BenchRow("decode", "decode", "tok/s", 200.0, 100.0, "HF", 400.0, "bandwidth bound")]
+    table = format_table(rows)
+    assert "2.00x" in table and "50%" in table and "HF / bandwidth bound" in table
+
+
+def test_discover_filters_and_rejects_unknown(tmp_path):
+    _write(tmp_path, "a", GOOD)
+    _write(tmp_path, "b", GOOD)
+    assert [p.stem for p in discover(tmp_path, None)] == ["bench_a", "bench_b"]
+    assert [p.stem for p in discover(tmp_path, ["b"])] == ["bench_b"]
+    with pytest.raises(ValueError, match=r"unknown benchmark\(s\) \['c'\]; available: \['a', 'b'\]"):
+        discover(tmp_path, ["c"])
+    with pytest.raises(ValueError, match="does not exist"):
+        discover(tmp_path / "nope", None)
+
+
+def test_bad_rows_and_missing_main(tmp_path):
+    bad = _write(tmp_path, "bad", "def main(argv=None):\n    return [dict(metric='m', unit='u', ours=1, speed=2)]\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['speed'\]"):
+        run_benchmark(bad, [])
+    with pytest.raises(ValueError, match="has no main"):
+        run_benchmark(_write(tmp_path, "nomain", "x = 1\n"), [])
+
+
+def test_command_prints_table_and_reports_failures(tmp_path, capsys):
+    _write(tmp_path, "good", GOOD)
+    _write(tmp_path, "broken", "def main(argv=None):\n    raise RuntimeError('boom')\n")
+    assert cli_main.main(["bench", "--dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "300" in captured.out and "3.00x" in captured.out
+    assert "boom" in captured.err and "bench_broken.py" in captured.err
+    assert cli_main.main(["bench", "good", "--dir", str(tmp_path), "--quick"]) == 0
