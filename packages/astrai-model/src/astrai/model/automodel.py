@@ -1,0 +1,158 @@
+"""`AutoModel`: the model registry by `model_type`, and loading/saving model folders.
+
+A model folder is `config.json` (always with `model_type`) plus safetensors weights (`model.safetensors`,
+or shards with `model.safetensors.index.json`). `AutoModel.from_pretrained` also reads a Hugging Face
+checkpoint folder when its `model_type` has a converter in `astrai.model.hf` (llama, mistral, qwen2, qwen3,
+...): the config and the tensor names are converted on load.
+
+Loading never runs random init and never leaves a weight uninitialised: the model is built on the meta
+device, every tensor is checked against the model's own names and shapes (ValueError naming the tensors and
+the file otherwise), and the loaded tensors are assigned in place of the meta parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from astrai.config import BaseModelConfig, ConfigFactory
+from astrai.factory import BaseFactory
+from astrai.model import hf
+from astrai.model.weight_files import load_weight_files, save_weight_files, weights_source
+
+
+class AutoModel(BaseFactory[nn.Module], nn.Module):
+    """Base of every model class; `AutoModel.register("model_type")` makes a class loadable by name."""
+
+    kind = "model"
+
+    def __init__(self, config: BaseModelConfig) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: BaseModelConfig) -> AutoModel:
+        """A randomly initialised model of the class registered for `config.model_type`."""
+        return cls._model_class(config)(config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        strict: bool = True,
+    ) -> AutoModel:
+        """Load a model folder (ours or Hugging Face's) in eval mode.
+
+        dtype: cast floating-point weights to it (default: keep the stored dtype).
+        device: where the weights are loaded (default CPU).
+        strict: when False, tensors the model does not have are ignored; missing ones are always an error.
+        """
+        folder = Path(path)
+        raw = _read_config(folder)
+        model_type = raw.get("model_type")
+        if model_type is None or cls.is_registered(model_type):
+            config = _with_path(folder, lambda: ConfigFactory.load(raw))
+            tensors = load_weight_files(folder, device)
+        elif hf.HFConverterFactory.is_registered(model_type):
+            converter = hf.HFConverterFactory.create(model_type)
+            config = _with_path(folder, lambda: converter.config_from_hf(raw))
+            tensors = converter.state_dict_from_hf(load_weight_files(folder, device), config)
+        else:
+            raise ValueError(
+                f"{folder / 'config.json'}: unknown model_type {model_type!r}; astrai models: "
+                f"{cls.list_registered()}, Hugging Face families: {hf.HFConverterFactory.list_registered()}"
+            )
+        with torch.device("meta"):
+            model = cls._model_class(config)(config)
+        model.load_weights(tensors, source=weights_source(folder), dtype=dtype, strict=strict)
+        return model.eval()
+
+    @classmethod
+    def _model_class(cls, config: BaseModelConfig) -> type[AutoModel]:
+        model_cls = cls.get_component_class(config.model_type)
+        if not issubclass(model_cls, cls):
+            raise ValueError(f"model_type {config.model_type!r} builds a {model_cls.__name__}, not a {cls.__name__}")
+        return model_cls
+
+    def load_weights(
+        self,
+        tensors: dict[str, Tensor],
+        source: str | Path = "state dict",
+        dtype: torch.dtype | None = None,
+        strict: bool = True,
+    ) -> None:
+        """Check `tensors` against this model's names and shapes, then assign them (works on a meta model)."""
+        expected = {name: t.shape for name, t in self.state_dict().items()}
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        wrong_shape = [
+            f"{name}: file {tuple(t.shape)} vs model {tuple(expected[name])}"
+            for name, t in tensors.items()
+            if name in expected and t.shape != expected[name]
+        ]
+        problems = []
+        if missing:
+            problems.append(f"missing tensors {missing}")
+        if unexpected and strict:
+            problems.append(f"unexpected tensors {unexpected}")
+        if wrong_shape:
+            problems.append(f"wrong shapes [{'; '.join(wrong_shape)}]")
+        if problems:
+            raise ValueError(f"{source}: cannot load into {type(self).__name__}: {', '.join(problems)}")
+        state = {
+            name: t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            for name, t in tensors.items()
+            if name in expected
+        }
+        self.load_state_dict(state, strict=True, assign=True)
+        left_on_meta = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        assert not left_on_meta, f"tensors not covered by the state dict stayed on meta: {left_on_meta}"
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        format: Literal["astrai", "hf"] = "astrai",
+        max_shard_bytes: int | None = None,
+    ) -> None:
+        """Write `config.json` and safetensors weights; `format="hf"` writes a transformers checkpoint instead."""
+        folder = Path(save_directory)
+        if format == "hf":
+            config_dict, tensors = hf.export_hf(self.config, self.state_dict())
+        elif format == "astrai":
+            config_dict, tensors = None, self.state_dict()
+        else:
+            raise ValueError(f"save_pretrained format={format!r}: allowed 'astrai' or 'hf'")
+        folder.mkdir(parents=True, exist_ok=True)
+        if config_dict is None:
+            self.config.to_file(folder / "config.json")
+        else:
+            (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
+        save_weight_files(tensors, folder, max_shard_bytes)
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _with_path(folder: Path, build: Callable[[], BaseModelConfig]) -> BaseModelConfig:
+    """Run a config builder, prefixing its ValueError with the config file's path."""
+    try:
+        return build()
+    except ValueError as exc:
+        raise ValueError(f"{folder / 'config.json'}: {exc}") from None

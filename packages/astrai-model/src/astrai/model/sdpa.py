@@ -1,0 +1,96 @@
+"""The attention mask and positions every layer shares, and the scaled-dot-product call of every attention.
+
+Masks are boolean, `True` = the query may attend to the key, shaped (B, 1, T, S) so one mask serves every
+head. The model builds one mask per forward pass (`build_attention_mask`) and returns `None` whenever SDPA's
+built-in causal (or full) attention is exact: no padding and no KV cache. That keeps the fast fused kernels
+for plain training batches and unpadded prefill.
+
+Key index `j` means:
+- without a cache, the `j`-th token of this forward pass (keys are the queries' own tokens);
+- with a cache (`astrai.protocols.KVCacheView`), cache slot `j`, which holds the token at absolute position `j`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def default_position_ids(input_ids: Tensor, input_mask: Tensor | None, kv_lens: Tensor | None) -> Tensor:
+    """(B, T) absolute positions of `input_ids` (B, T) when the caller gives none.
+
+    Without a cache: 0..T-1, or with a padding mask `cumsum(mask) - 1` (so left-padded rows start at 0, as
+    transformers' `generate`; padding gets position 0). With a cache: the new tokens of row b continue
+    after its cached ones, `kv_lens[b] - n_new[b] + t` with `n_new` the row's real tokens (right-padded).
+    """
+    B, T = input_ids.shape
+    steps = torch.arange(T, device=input_ids.device)
+    if kv_lens is not None:
+        n_new = input_mask.sum(dim=1) if input_mask is not None else torch.full_like(kv_lens, T)
+        return (kv_lens - n_new)[:, None] + steps  # (B, T)
+    if input_mask is None:
+        return steps.expand(B, T)
+    return (input_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+
+
+def build_attention_mask(
+    input_mask: Tensor | None,
+    position_ids: Tensor,
+    kv_lens: Tensor | None = None,
+    is_causal: bool = True,
+) -> Tensor | None:
+    """The (B, 1, T, S) boolean mask for one forward pass, or None when SDPA needs none.
+
+    input_mask: (B, T), nonzero for real tokens, zero for padding (left or right), or None.
+    position_ids: (B, T) absolute position of every query token.
+    kv_lens: (B,) valid cache slots per row after this step's write (`KVCacheView.seq_lens`), or None
+        without a cache.
+    """
+    B, T = position_ids.shape
+    if kv_lens is None:
+        if input_mask is None or bool(input_mask.all()):
+            return None  # plain causal / full attention: let SDPA use its fused path
+        key_ok = input_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        if is_causal:
+            idx = torch.arange(T, device=position_ids.device)
+            mask = key_ok & (idx[None, :] <= idx[:, None])  # (B, 1, T, T): key j <= query i
+        else:
+            mask = key_ok.expand(B, 1, T, T)
+    else:
+        if not is_causal:
+            raise ValueError("a KV cache needs causal attention (is_causal=False was given)")
+        S = int(kv_lens.max())
+        slots = torch.arange(S, device=position_ids.device)  # slot j holds absolute position j
+        in_cache = slots[None, :] < kv_lens[:, None]  # (B, S)
+        causal = slots[None, None, :] <= position_ids[:, :, None]  # (B, T, S)
+        mask = (in_cache[:, None, :] & causal)[:, None]  # (B, 1, T, S)
+    # A query that may see nothing (a padding token) would make SDPA return NaN; let it see every key instead.
+    # Its output is never used, and this keeps NaN out of the following layers and the backward pass.
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+def sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of q (B, H, T, dq) over k (B, Hkv, S, dq), v (B, Hkv, S, dv) -> (B, H, T, dv).
+
+    `H` must be a multiple of `Hkv` (query head h reads KV head h // (H // Hkv)). `attn_mask` is a boolean
+    (B, 1, T, S) mask from `build_attention_mask`; when None, `is_causal` picks causal or full attention.
+    `scale` defaults to 1/sqrt(dq).
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    if attn_mask is None:
+        # Fused kernels take grouped KV heads directly when there is no mask.
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal and q.shape[2] > 1, scale=scale, enable_gqa=n_rep > 1
+        )
+    if n_rep > 1:  # masked kernels want one KV head per query head: (B, Hkv, S, d) -> (B, H, S, d)
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)

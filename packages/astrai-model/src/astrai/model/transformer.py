@@ -1,0 +1,92 @@
+"""`AutoRegressiveLM`: the decoder-only language model.
+
+    input_ids (B, T) -> embed_tokens -> n_layers x DecoderBlock -> norm -> lm_head -> logits (B, T, V)
+
+Attention is GQA or MLA (`attn_type`), the feed-forward a SwiGLU MLP or DeepSeekMoE (`ffn_type`; the first
+`n_dense_layers` layers stay dense). With `tie_weight` the LM head *is* the embedding matrix: one Parameter,
+saved once (as `embed_tokens.weight`; `lm_head.weight` never appears in the state dict).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from astrai.config import AutoRegressiveLMConfig
+from astrai.model.automodel import AutoModel
+from astrai.model.decoder_block import DecoderBlock
+from astrai.model.embedding import Embedding
+from astrai.model.linear import Linear
+from astrai.model.norm import RMSNorm
+from astrai.model.rope import RotaryEmbedding
+from astrai.model.sdpa import build_attention_mask, default_position_ids
+from astrai.protocols import KVCacheView
+
+
+@AutoModel.register("autoregressive_lm")
+class AutoRegressiveLM(AutoModel, share_registry=True):
+    """Decoder-only LM; `forward` returns `{"logits": (B, T, V), "hidden_states": (B, T, dim)}`."""
+
+    def __init__(self, config: AutoRegressiveLMConfig) -> None:
+        super().__init__(config)
+        self.rotary_embedding = RotaryEmbedding.from_config(config)
+        self.embed_tokens = Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(
+            DecoderBlock(config, i, config.attn_type, "mlp" if i < config.n_dense_layers else config.ffn_type)
+            for i in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = Linear(config.dim, config.vocab_size)
+        if config.tie_weight:
+            self.lm_head.weight = self.embed_tokens.weight  # one Parameter; its init is the embedding's N(0, 0.02)
+            self.register_state_dict_post_hook(_drop_tied_head)
+            self.register_load_state_dict_pre_hook(_feed_tied_head)
+            self.register_load_state_dict_post_hook(_retie_head)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        input_mask: Tensor | None = None,
+        paged_cache: KVCacheView | None = None,
+        position_ids: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """input_ids (B, T); input_mask (B, T) 1 = token, 0 = padding (left or right; with a cache, right);
+        paged_cache: this step's KV-cache view; position_ids (B, T) absolute positions (derived when None)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        kv_lens = paged_cache.seq_lens if paged_cache is not None else None
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, input_mask, kv_lens)
+        mask = build_attention_mask(input_mask, position_ids, kv_lens, is_causal=True)  # None: plain causal
+        rotary_emb = self.rotary_embedding(input_ids, position_ids)  # (cos, sin), (B, T, rope_dim) float32
+
+        h = self.embed_tokens(input_ids)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, rotary_emb, mask, paged_cache)
+        h = self.norm(h)
+        return {"logits": self.lm_head(h), "hidden_states": h}
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Sum of the MoE layers' (coefficient-weighted) auxiliary losses of the last forward; 0 without MoE."""
+        losses = [layer.mlp.aux_loss for layer in self.layers if getattr(layer.mlp, "aux_loss", None) is not None]
+        if not losses:
+            return torch.zeros((), device=self.embed_tokens.weight.device)
+        return torch.stack([loss.float() for loss in losses]).sum()
+
+
+# Tied weights: `lm_head.weight` is left out of saved state and rebuilt from `embed_tokens.weight` on load.
+# Hooks (not overrides) so the tie also survives loading through a wrapper (DDP, FSDP, a training module).
+
+
+def _drop_tied_head(module: AutoRegressiveLM, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    state_dict.pop(prefix + "lm_head.weight", None)
+
+
+def _feed_tied_head(module: AutoRegressiveLM, state_dict: dict, prefix: str, *args: object) -> None:
+    if prefix + "embed_tokens.weight" in state_dict:
+        state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "embed_tokens.weight"]
+
+
+def _retie_head(module: AutoRegressiveLM, incompatible_keys: object) -> None:
+    module.lm_head.weight = module.embed_tokens.weight  # `assign=True` loading made two Parameters

@@ -1,0 +1,136 @@
+"""Building blocks: Linear, Embedding, RMSNorm, MLP, GQA, factories, and the shared mask/SDPA helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from astrai.model import GQA, MLP, AttnFactory, Embedding, FFNFactory, Linear, RMSNorm, RotaryEmbedding
+from astrai.model.sdpa import build_attention_mask, default_position_ids, sdpa
+
+
+def test_linear_and_embedding_init():
+    torch.manual_seed(0)
+    linear = Linear(256, 512, bias=True)
+    assert linear.weight.shape == (512, 256) and torch.equal(linear.bias, torch.zeros(512))
+    assert abs(linear.weight.std().item() - 0.02) < 5e-4
+    assert Linear(4, 3).bias is None
+    embedding = Embedding(1000, 64)
+    assert abs(embedding.weight.std().item() - 0.02) < 5e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_transformers(dtype):
+    torch.manual_seed(0)
+    ours, hf = RMSNorm(32, 1e-5), LlamaRMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_()
+        hf.weight.copy_(ours.weight)
+    ours.to(dtype), hf.to(dtype)
+    x = (torch.randn(3, 7, 32) * 5).to(dtype)
+    assert ours(x).dtype == dtype
+    assert (ours(x).float() - hf(x).float()).abs().max() <= (1e-6 if dtype == torch.float32 else 1e-2)
+    assert ours.normalized_shape == (32,) and ours.norm_eps == 1e-5
+
+
+def test_mlp_is_swiglu(lm_config):
+    torch.manual_seed(0)
+    mlp = FFNFactory.create("mlp", lm_config(), 0)
+    assert isinstance(mlp, MLP) and mlp.up.weight.shape == (96, 64)
+    assert MLP(lm_config(), 0, dim_ffn=40).down.weight.shape == (64, 40)
+    x = torch.randn(2, 3, 64)
+    expected = F.linear(F.silu(F.linear(x, mlp.gate.weight)) * F.linear(x, mlp.up.weight), mlp.down.weight)
+    assert torch.allclose(mlp(x), expected, atol=1e-6)
+
+
+def test_factories_reject_unknown_names_and_arguments(lm_config):
+    assert isinstance(AttnFactory.create("gqa", lm_config(), 3), GQA)
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        AttnFactory.create("flash", lm_config(), 0)
+    with pytest.raises(ValueError, match=r"unexpected argument\(s\) \['dim'\]"):
+        FFNFactory.create("mlp", lm_config(), 0, dim=4)
+
+
+def naive_attention(q, k, v, allowed):
+    """q (B,H,T,d), k/v (B,H,S,d), allowed (B,1,T,S) bool."""
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+def test_gqa_matches_naive_attention_with_qk_norm_before_rope(lm_config):
+    torch.manual_seed(0)
+    cfg = lm_config(use_qk_norm=True, use_gated_attention=True, attn_bias=True, head_dim=8)
+    attn = GQA(cfg, layer_id=0)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 64)
+    rope = RotaryEmbedding(8, 64)
+    cos, sin = rope(x)
+    out = attn(x, (cos, sin))
+
+    q = attn.q_norm(attn.q_proj(x).view(2, 5, 4, 8))  # norm, then RoPE (Qwen3 order)
+    k = attn.k_norm(attn.k_proj(x).view(2, 5, 2, 8))
+    v = attn.v_proj(x).view(2, 5, 2, 8)
+    q, k = [((t * cos[:, :, None]) + torch.cat([-t[..., 4:], t[..., :4]], -1) * sin[:, :, None]) for t in (q, k)]
+    k, v = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # query head h reads KV head h // 2
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    o = naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal)
+    o = o.transpose(1, 2).reshape(2, 5, 32) * torch.sigmoid(attn.gate(x))
+    assert torch.allclose(out, attn.o_proj(o), atol=1e-5)
+
+
+def test_attention_mask_without_cache():
+    positions = torch.arange(4).expand(2, 4)
+    assert build_attention_mask(None, positions) is None
+    assert build_attention_mask(torch.ones(2, 4), positions) is None  # nothing padded: SDPA's causal path
+    mask = build_attention_mask(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), positions)
+    assert mask.shape == (2, 1, 4, 4)
+    expected_row0 = torch.tensor(
+        [
+            [1, 1, 1, 1],  # a padding query may see everything (never NaN)
+            [0, 1, 0, 0],
+            [0, 1, 1, 0],
+            [0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask[0, 0], expected_row0)
+    assert torch.equal(mask[1, 0], torch.ones(4, 4, dtype=torch.bool).tril())
+    bidirectional = build_attention_mask(torch.tensor([[1, 1, 0]]), torch.arange(3)[None], is_causal=False)
+    assert torch.equal(bidirectional[0, 0], torch.tensor([[1, 1, 0]] * 3, dtype=torch.bool))
+
+
+def test_attention_mask_with_cache():
+    # row 0: 3 cached + 2 new (positions 3, 4); row 1: 1 cached + 1 new (position 1) then a padding query
+    kv_lens = torch.tensor([5, 2])
+    positions = default_position_ids(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[1, 1], [1, 0]]), kv_lens)
+    assert positions.tolist() == [[3, 4], [1, 2]]
+    mask = build_attention_mask(None, positions, kv_lens)
+    assert mask[0, 0].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert mask[1, 0].tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="is_causal=False"):
+        build_attention_mask(None, positions, kv_lens, is_causal=False)
+
+
+def test_default_positions_follow_the_mask():
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    assert default_position_ids(ids, None, None).tolist() == [[0, 1, 2, 3]] * 2
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
+    assert default_position_ids(ids, mask, None).tolist() == [[0, 0, 0, 1], [0, 1, 2, 2]]
+
+
+def test_sdpa_grouped_heads_and_masks():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    full_k, full_v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    expected = naive_attention(q, full_k, full_v, causal)
+    assert torch.allclose(sdpa(q, k, v, None, is_causal=True), expected, atol=1e-5)
+    assert torch.allclose(sdpa(q, k, v, causal.expand(2, 1, 5, 5), is_causal=True), expected, atol=1e-5)
+    everything = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    assert torch.allclose(
+        sdpa(q, k, v, None, is_causal=False), naive_attention(q, full_k, full_v, everything), atol=1e-5
+    )
