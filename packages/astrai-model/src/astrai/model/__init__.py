@@ -11,6 +11,7 @@ from astrai.model.mla import MLA
 from astrai.model.mlp import MLP
 from astrai.model.moe import DeepSeekMoE
 from astrai.model.norm import RMSNorm
+from astrai.model.perplexity import PerplexityResult, evaluate_perplexity, read_documents
 from astrai.model.reference_cache import ContiguousKVCache, ContiguousKVView
 from astrai.model.rope import RotaryEmbedding, apply_rotary_emb
 from astrai.model.transformer import AutoRegressiveLM
@@ -19,6 +20,7 @@ __all__ = [
     "GQA",
     "MLA",
     "MLP",
+    "PerplexityResult",
     "AttnFactory",
     "AutoModel",
     "AutoRegressiveLM",
@@ -33,4 +35,6 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "apply_rotary_emb",
+    "evaluate_perplexity",
+    "read_documents",
 ]
