@@ -62,3 +62,17 @@ def test_command_prints_table_and_reports_failures(tmp_path, capsys):
     assert "300" in captured.out and "3.00x" in captured.out
     assert "boom" in captured.err and "bench_broken.py" in captured.err
     assert cli_main.main(["bench", "good", "--dir", str(tmp_path), "--quick"]) == 0
+
+
+def test_benchmark_module_may_define_dataclasses(tmp_path):
+    body = """
+    from dataclasses import dataclass
+
+    @dataclass
+    class Point:
+        x: float
+
+    def main(argv=None):
+        return [dict(metric="m", unit="u", ours=Point(2.0).x)]
+    """
+    assert run_benchmark(_write(tmp_path, "dc", body), [])[0].ours == 2.0

@@ -93,11 +93,24 @@ def test_broken_entry_point_does_not_break_the_command(monkeypatch, capsys):
         EntryPoint("broken", "astrai_no_such_module:configure", cli_main.COMMAND_GROUP),
         EntryPoint("echo", f"{HERE}:configure_echo", cli_main.COMMAND_GROUP),
     )
+    help_text = cli_main.build_parser().format_help()  # loads every command
+    assert "Echo the given words." in help_text
+    assert "command 'broken'" in capsys.readouterr().err
     assert cli_main.main(["echo", "ok"]) == 0
-    captured = capsys.readouterr()
-    assert "command 'broken'" in captured.err and captured.out.strip() == "ok"
+    assert capsys.readouterr().out.strip() == "ok"
 
 
 def test_console_script_runs():
     proc = subprocess.run([sys.executable, "-m", "astrai.cli.main", "version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "astrai-core" in proc.stdout
+
+
+def test_running_a_command_loads_only_its_entry_point(monkeypatch, capsys):
+    _fake_commands(
+        monkeypatch,
+        EntryPoint("broken", "astrai_no_such_module:configure", cli_main.COMMAND_GROUP),
+        EntryPoint("echo", f"{HERE}:configure_echo", cli_main.COMMAND_GROUP),
+    )
+    assert cli_main.main(["echo", "fast"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "fast" and captured.err == ""  # the broken one was never imported

@@ -91,6 +91,7 @@ def run_benchmark(path: Path, argv: list[str]) -> list[BenchRow]:
     name = path.stem.removeprefix("bench_")
     spec = importlib.util.spec_from_file_location(f"astrai_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
     spec.loader.exec_module(module)
     if not callable(getattr(module, "main", None)):
         raise ValueError(f"{path} has no main(argv) function")

@@ -22,7 +22,9 @@ def _commands() -> list[EntryPoint]:
     return sorted(found.values(), key=lambda ep: ep.name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The `astrai` parser. With `selected`, only that command's entry point is loaded (the others are listed
+    by name), so running one command never imports the other distributions (torch takes seconds to import)."""
     parser = argparse.ArgumentParser(
         prog="astrai",
         description="AstrAI: build, train and serve language models.",
@@ -31,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in _commands():
+        if selected is not None and ep.name != selected:
+            sub.add_parser(ep.name)
+            continue
         try:
             configure = ep.load()
         except Exception as exc:  # a broken distribution must not take the whole command down
@@ -42,8 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _selected_command(argv: list[str]) -> str | None:
+    """The command named on the command line, if any (the first argument that is not an option)."""
+    names = {ep.name for ep in _commands()}
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in names else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_selected_command(argv))
     args = parser.parse_args(argv)
     run = getattr(args, "run", None)
     if run is None:
