@@ -1,0 +1,108 @@
+"""`JSONStore` and its writer `save_jsonl`: JSON Lines, one record per line.
+
+Every record is an object with the same keys; each value becomes one segment of its key. A value is a
+list of numbers (token ids, mask flags, rewards), a nested rectangular list (rows of a multi-dimensional
+key, e.g. `[[p0, p1, ...]]` for one GRPO prompt row), or a string of text, which is tokenised at load
+time with the tokenizer given to `load`. A folder is read file by file in sorted path order (`*.jsonl`
+below it); a single `.jsonl` or `.json` file may be named directly. The data is held in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from astrai.dataset.store import Segment, Store, StoreFactory, list_files
+
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
+@StoreFactory.register("json")
+class JSONStore(Store):
+    """Reads JSON Lines files; text values need a tokenizer (an object with `encode(str)`, or a callable)."""
+
+    @classmethod
+    def can_load(cls, path: Path) -> bool:
+        # A folder is JSON data only through .jsonl files (a meta.json or config.json is not data).
+        return bool(list_files(path, JSON_SUFFIXES if path.is_file() else (".jsonl",)))
+
+    def load(self, path: str | Path, tokenizer: Any = None) -> JSONStore:
+        path = Path(path)
+        files = list_files(path, JSON_SUFFIXES if path.is_file() else (".jsonl",))
+        if not files:
+            raise ValueError(f"no .jsonl files at {str(path)!r}")
+        encode = _encoder(tokenizer)
+        raw: dict[str, list[Segment]] = {}
+        for file in files:
+            for where, record in _records(file):
+                if raw and set(record) != set(raw):
+                    raise ValueError(f"{where}: record keys {sorted(record)} differ from {sorted(raw)}")
+                for key, value in record.items():
+                    raw.setdefault(key, []).append(_to_tensor(value, key, where, encode))
+        for key, segments in raw.items():
+            # JSON does not type numbers: [1, 2] and [0.5] in one key must end up one dtype.
+            dtype = _common_dtype(s.dtype for s in segments if s.numel())
+            raw[key] = [s.to(dtype) for s in segments]
+        self._normalize(raw, path)
+        return self
+
+
+def _records(file: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+    with file.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{file}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not a JSON record ({exc.msg})") from None
+            if not isinstance(record, dict) or not record:
+                raise ValueError(f"{where}: a record must be a non-empty JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _encoder(tokenizer: Any) -> Callable[[str], list[int]] | None:
+    if tokenizer is None:
+        return None
+    encode = getattr(tokenizer, "encode", tokenizer)
+    if not callable(encode):
+        raise TypeError(f"tokenizer must have encode(text) or be callable, got {type(tokenizer).__name__}")
+    return encode
+
+
+def _to_tensor(value: Any, key: str, where: str, encode: Callable[[str], list[int]] | None) -> torch.Tensor:
+    if isinstance(value, str):
+        if encode is None:
+            raise ValueError(f"{where}: key {key!r} holds text; pass a tokenizer to load it")
+        return torch.tensor(list(encode(value)), dtype=torch.int64)
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: key {key!r} must be a list or text, got {type(value).__name__}")
+    if not value:
+        return torch.empty(0, dtype=torch.int64)  # no rows; dropped when the store is normalised
+    try:
+        return torch.tensor(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: key {key!r} is not a rectangular list of numbers ({exc})") from None
+
+
+def _common_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    result = torch.bool
+    for dtype in dtypes:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
+def save_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Write records (values: tensors, arrays, lists or text) to the JSON Lines file `path`; returns it."""
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("w", encoding="utf-8") as f:
+        for record in records:
+            plain = {k: v if isinstance(v, str | list) else v.tolist() for k, v in record.items()}
+            f.write(json.dumps(plain, ensure_ascii=False) + "\n")
+    return file
