@@ -16,8 +16,14 @@ import pytest
 import torch
 
 from astrai.config import AutoRegressiveLMConfig
-from astrai.model import AutoModel, AutoRegressiveLM, evaluate_perplexity, read_documents
-from astrai.model.perplexity import scoring_windows, token_stream
+from astrai.model import (
+    AutoModel,
+    AutoRegressiveLM,
+    evaluate_perplexity,
+    read_documents,
+    scoring_windows,
+    token_stream,
+)
 from astrai.tokenize import AutoTokenizer, train_bpe_tokenizer
 
 MAX_LEN = 64

@@ -11,7 +11,13 @@ from astrai.model.mla import MLA
 from astrai.model.mlp import MLP
 from astrai.model.moe import DeepSeekMoE
 from astrai.model.norm import RMSNorm
-from astrai.model.perplexity import PerplexityResult, evaluate_perplexity, read_documents
+from astrai.model.perplexity import (
+    PerplexityResult,
+    evaluate_perplexity,
+    read_documents,
+    scoring_windows,
+    token_stream,
+)
 from astrai.model.reference_cache import ContiguousKVCache, ContiguousKVView
 from astrai.model.rope import RotaryEmbedding, apply_rotary_emb
 from astrai.model.transformer import AutoRegressiveLM
@@ -20,7 +26,6 @@ __all__ = [
     "GQA",
     "MLA",
     "MLP",
-    "PerplexityResult",
     "AttnFactory",
     "AutoModel",
     "AutoRegressiveLM",
@@ -32,9 +37,12 @@ __all__ = [
     "EmbeddingEncoder",
     "FFNFactory",
     "Linear",
+    "PerplexityResult",
     "RMSNorm",
     "RotaryEmbedding",
     "apply_rotary_emb",
     "evaluate_perplexity",
     "read_documents",
+    "scoring_windows",
+    "token_stream",
 ]

