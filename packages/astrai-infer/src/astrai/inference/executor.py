@@ -1,0 +1,77 @@
+"""`Executor`: one batched model forward over a ragged batch of tasks, and the sampling of their next tokens.
+
+Every row of a step is one task feeding `n_b` tokens starting at its position `task.next_pos` (a prefill
+chunk, or `n_b = 1` for a decode). The batch is right-padded to `T = max(n_b)`:
+
+    input_ids    (B, T)  the tokens, 0 in padding
+    input_mask   (B, T)  1 for real tokens
+    position_ids (B, T)  next_pos_b + t; padding repeats the row's last position (never used, always valid)
+
+The KV view is bound with each row's start and length, so row b's new entries land at positions
+`next_pos_b ..` of its own pages (padding goes to the cache's scratch page). Only the logits at each row's last
+real token are returned: that is where the next token of a finished prefill or of a decode comes from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from astrai.inference.cache import KVCache
+from astrai.inference.sampling import GREEDY_TEMPERATURE, SamplingPipeline
+from astrai.inference.task import Task
+
+
+class Executor:
+    """Runs `model` on batches of tasks over `page_cache`; stateless between steps."""
+
+    def __init__(self, model: nn.Module, tokenizer, page_cache: KVCache, device: torch.device | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.page_cache = page_cache
+        self.device = device if device is not None else next(model.parameters()).device
+
+    def execute_prefill(self, tasks: Sequence[Task], num_tokens: Sequence[int]) -> torch.Tensor:
+        """Feed `num_tokens[b]` tokens of each task's sequence from `task.next_pos`; (B, V) last-token logits."""
+        chunks = [t.all_ids[t.next_pos : t.next_pos + n] for t, n in zip(tasks, num_tokens, strict=True)]
+        return self._forward(tasks, chunks)
+
+    def execute_decode(self, tasks: Sequence[Task]) -> torch.Tensor:
+        """Feed each task's last sampled token at its next position; (B, V) logits."""
+        return self._forward(tasks, [[t.all_ids[t.next_pos]] for t in tasks])
+
+    def sample(self, tasks: Sequence[Task], logits: torch.Tensor) -> list[int]:
+        """One token per task from its logits row (B, V), with that task's sampling parameters and seed."""
+        pipeline = SamplingPipeline.for_tasks(tasks, logits.device)
+        if all(t.temperature <= GREEDY_TEMPERATURE for t in tasks):
+            tokens = pipeline.apply(logits.float()).argmax(dim=-1)  # no draw needed: every row is greedy
+        else:
+            tokens = pipeline.sample(logits)
+        return tokens.tolist()
+
+    def _forward(self, tasks: Sequence[Task], chunks: list[list[int]]) -> torch.Tensor:
+        lens = [len(c) for c in chunks]
+        starts = [t.next_pos for t in tasks]
+        width = max(lens)
+        ids = torch.zeros(len(chunks), width, dtype=torch.int64)
+        for row, chunk in enumerate(chunks):
+            ids[row, : len(chunk)] = torch.tensor(chunk, dtype=torch.int64)
+        new_lens = torch.tensor(lens, dtype=torch.int64)
+        steps = torch.arange(width)
+        mask = steps[None, :] < new_lens[:, None]  # (B, T)
+        # Padding repeats the row's last real position: a valid position that causes no extra work.
+        positions = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.minimum(
+            steps[None, :], new_lens[:, None] - 1
+        )
+        view = self.page_cache.bind_tasks([t.task_id for t in tasks], starts, lens)
+        with torch.inference_mode():
+            out = self.model(
+                ids.to(self.device),
+                input_mask=mask.to(self.device),
+                paged_cache=view,
+                position_ids=positions.to(self.device),
+            )
+            last = (new_lens - 1).to(self.device)
+            return out["logits"][torch.arange(len(chunks), device=self.device), last]  # (B, V)

@@ -1,0 +1,424 @@
+"""`InferenceScheduler`: the continuous-batching loop. One thread owns the cache, the queues and every task.
+
+A step, repeated while there is work (the thread sleeps on a condition otherwise, never polls):
+
+1. **Intake**: move newly submitted tasks into the waiting queue; retire cancelled tasks (their flag is set
+   by any thread, acted on only here) and free their pages.
+2. **Plan**, oldest running task first. A task with one token pending (its last sampled token) decodes: its
+   page table is grown to cover the new position; if no page is left, the *newest* running task is preempted
+   (pages freed, back to the head of the waiting queue, recomputed later from prompt + generated-so-far)
+   until the page fits. A task with more pending tokens is prefilling: it gets a chunk of at most the
+   remaining per-step prefill budget (`max_prefill_tokens`), so a long prompt is spread over several steps
+   and never stalls the decoders for long.
+3. **Admit** waiting tasks, first come first served, while the batch has room, the step's prefill budget is
+   not spent and the cache can hold the task's whole sequence (its longest cached prefix is reused). A task
+   that does not fit waits at the head; the loop retries when the next step has changed something.
+4. **Run** the prefill chunks, then one forward for all decodes (one token per row, each row at its own
+   position). Prefill chunks share a forward only while right-padding them to the longest wastes at most a
+   quarter of its tokens (on a CPU prefill is compute-bound, so padding is pure loss; a lone long chunk runs
+   alone). A task whose sequence is now fully in the cache samples its next token from the logits of its
+   last token, so the first generated token comes from the prefill itself (defect 1 of the original).
+5. **Emit**: each sampled token is checked against the task's stop tokens, `max_tokens` and stop strings and
+   streamed as text; finished tasks free their pages (their full pages stay in the prefix cache).
+
+Failures stay local: an exception while handling one task fails that task ("error"); an exception in a
+batched forward fails the tasks of that batch; anything else fails the running tasks; the loop carries on.
+When the loop stops (`stop()`), every task it still holds gets a final "cancelled" event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from astrai.inference.cache import KVCache
+from astrai.inference.executor import Executor
+from astrai.inference.stats import SchedulerStats
+from astrai.inference.stream import GenerationEvent, OutputStream
+from astrai.inference.task import Task, TaskStatus
+from astrai.inference.task_manager import TaskManager
+
+logger = logging.getLogger(__name__)
+
+_MAX_PADDING = 0.25  # prefill chunks share a forward while padding stays below this share of its tokens
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive integer")
+    return value
+
+
+class InferenceScheduler:
+    """Continuous batching over a paged KV cache, run by one background thread (`start()` / `stop()`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        max_queue: int = 256,
+        max_prefill_tokens: int = 512,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        config = model.config
+        self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
+        self.max_seq_len = _positive_int("max_seq_len", max_seq_len if max_seq_len is not None else config.max_len)
+        self.page_size = _positive_int("page_size", page_size)
+        self.max_prefill_tokens = _positive_int("max_prefill_tokens", max_prefill_tokens)
+        pages_per_seq = -(-self.max_seq_len // self.page_size)
+        num_pages = self.max_batch_size * pages_per_seq if num_pages is None else num_pages
+        if _positive_int("num_pages", num_pages) < pages_per_seq:
+            raise ValueError(
+                f"num_pages={num_pages}: the cache must hold one sequence of max_seq_len={self.max_seq_len} "
+                f"tokens, i.e. at least {pages_per_seq} pages of {self.page_size}"
+            )
+        param = next(model.parameters())
+        device = torch.device(device) if device is not None else param.device
+        self._page_cache = KVCache.from_config(config, num_pages, self.page_size, dtype or param.dtype, device)
+        self._executor = Executor(model, tokenizer, self._page_cache, device)
+        self._task_mgr = TaskManager(max_queue)
+        self._outputs: dict[str, OutputStream] = {}  # loop only: each admitted-or-waiting task's event stream
+        self._running = False
+        self._loop_thread: threading.Thread | None = None
+        self._stats = SchedulerStats()
+        self._publish_stats()
+
+    @property
+    def page_cache(self) -> KVCache:
+        return self._page_cache
+
+    @property
+    def executor(self) -> Executor:
+        return self._executor
+
+    @property
+    def task_manager(self) -> TaskManager:
+        return self._task_mgr
+
+    # ---- any thread -------------------------------------------------------------------------------------
+
+    def add_task(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stream_callback: Callable[[GenerationEvent], None] | None = None,
+        stop: Sequence[str] | None = None,
+        **sampling: Any,
+    ) -> str:
+        """Queue a request (prompt token ids); its events go to `stream_callback`. Returns the task id.
+
+        `max_tokens` is capped so that prompt + output fit `max_seq_len`; `sampling` holds the other `Task`
+        parameters (penalties, seed, logit_bias, stop_token_ids). Raises ValueError for a bad request,
+        QueueFullError when the queue is full, LoopStoppedError once the loop has stopped.
+        """
+        room = self.max_seq_len - len(prompt)
+        if room < 1:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens: leaves no room to generate within max_seq_len={self.max_seq_len}"
+            )
+        task = Task(
+            task_id=self._task_mgr.new_task_id(),
+            prompt_ids=list(prompt),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stream_callback=stream_callback,
+            **sampling,
+        )  # validates every parameter
+        task.max_tokens = room if max_tokens is None else min(max_tokens, room)
+        return self._task_mgr.add_task(task, OutputStream(task, self._executor.tokenizer, stop))
+
+    def remove_task(self, task_id: str) -> bool:
+        """Cancel a task: the loop ends it at its next step ("cancelled") and frees its pages."""
+        return self._task_mgr.cancel(task_id)
+
+    def start(self) -> None:
+        if self._loop_thread is not None:
+            return
+        self._running = True
+        self._loop_thread = threading.Thread(target=self._loop, name="astrai-inference-loop", daemon=True)
+        self._loop_thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop; every task still queued or running gets a final "cancelled" event."""
+        self._task_mgr.close()
+        if self._loop_thread is None:
+            self._end_all("cancelled")  # never started: no loop to do it, and none will touch the queues
+        elif self._loop_thread is not threading.current_thread():
+            self._loop_thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._loop_thread is not None and self._loop_thread.is_alive() and self._running
+
+    def get_stats(self) -> dict[str, Any]:
+        """Counters and gauges as of the last step (see `SchedulerStats`), plus queue depth and liveness."""
+        stats = self._stats.snapshot()
+        stats["waiting"] = self._task_mgr.num_waiting
+        stats["loop_alive"] = self.is_alive()
+        return stats
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        reason = "cancelled"
+        try:
+            while True:
+                self._task_mgr.wait_for_work()
+                if self._task_mgr.closed:
+                    break
+                try:
+                    self._step()
+                except Exception as exc:  # a bug outside per-task handling: fail what runs, keep serving
+                    logger.exception("inference step failed")
+                    self._fail(self._task_mgr.get_active_tasks(), f"{type(exc).__name__}: {exc}")
+                self._publish_stats()
+        except BaseException:
+            reason = "error"
+            logger.exception("inference loop died")
+            raise
+        finally:
+            self._running = False
+            self._task_mgr.close()
+            self._end_all(reason)
+            self._publish_stats()
+
+    def _step(self) -> None:
+        for task, output in self._task_mgr.drain_inbox():
+            self._outputs[task.task_id] = output
+        for task in self._task_mgr.get_active_tasks() + self._task_mgr.get_waiting_tasks():
+            if task.cancelled:
+                self._finish(task, "cancelled")
+        prefill, chunk_lens, decode = self._plan()
+        generated = 0
+        for tasks, lens in _padding_groups(prefill, chunk_lens):
+            generated += self._run(tasks, lens)
+        if decode:
+            generated += self._run(decode, None)
+        self._stats.step(generated)
+
+    def _plan(self) -> tuple[list[Task], list[int], list[Task]]:
+        """This step's prefill chunks (tasks and lengths) and decodes, after growth, preemption and admission."""
+        budget = self.max_prefill_tokens
+        prefill: list[Task] = []
+        chunk_lens: list[int] = []
+        decode: list[Task] = []
+        preemptions = self._stats.counters["preemptions"]
+        for task in self._task_mgr.get_active_tasks():
+            if task.status is not TaskStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            pending = _pending(task)
+            if pending == 1:
+                if self._grow(task):
+                    decode.append(task)
+            elif budget > 0:
+                n = min(pending, budget)
+                budget -= n
+                prefill.append(task)
+                chunk_lens.append(n)
+        # Preemption may have removed tasks already planned.
+        keep = [i for i, t in enumerate(prefill) if t.status is TaskStatus.RUNNING]
+        prefill, chunk_lens = [prefill[i] for i in keep], [chunk_lens[i] for i in keep]
+        decode = [t for t in decode if t.status is TaskStatus.RUNNING]
+
+        if self._stats.counters["preemptions"] > preemptions:
+            return prefill, chunk_lens, decode  # pages ran short this step: admitting now would only thrash
+        while budget > 0 and self._task_mgr.waiting_queue and len(self._task_mgr.active_tasks) < self.max_batch_size:
+            task = self._task_mgr.waiting_queue[0]
+            if not self._page_cache.task_alloc(task.task_id, task.all_ids):
+                break
+            self._admit(self._task_mgr.pull_candidates(1)[0])
+            pending = _pending(task)
+            if pending == 1:
+                decode.append(task)  # the whole sequence but its last token came from the prefix cache
+            else:
+                n = min(pending, budget)
+                budget -= n
+                prefill.append(task)
+                chunk_lens.append(n)
+        return prefill, chunk_lens, decode
+
+    def _admit(self, task: Task) -> None:
+        cached = self._page_cache.task_cached(task.task_id)
+        task.status = TaskStatus.RUNNING
+        task.cached_tokens = cached
+        task.next_pos = cached
+        self._task_mgr.activate(task)
+        self._stats.count("prefix_hit_tokens", cached)
+        if not task.output_ids:  # first admission (not a recomputation after preemption)
+            self._outputs[task.task_id].cached_tokens = min(cached, task.input_tokens)
+            self._stats.count("prompt_tokens_total", task.input_tokens)
+
+    def _grow(self, task: Task) -> bool:
+        """Give `task` a page for its next position, preempting the newest tasks if needed; False if `task`
+        itself was preempted."""
+        while not self._page_cache.task_extend(task.task_id, task.next_pos):
+            running = [t for t in self._task_mgr.active_tasks if t.status is TaskStatus.RUNNING]
+            victim = max(running, key=lambda t: t.arrival_time)
+            self._preempt(victim)
+            if victim is task:
+                return False
+        return True
+
+    def _preempt(self, task: Task) -> None:
+        self._release_pages(task)
+        task.status = TaskStatus.PENDING
+        task.next_pos = 0
+        self._task_mgr.return_to_waiting([task])
+        self._stats.count("preemptions")
+
+    def _run(self, tasks: list[Task], chunk_lens: list[int] | None) -> int:
+        """One batched forward (prefill chunks, or decodes when `chunk_lens` is None), then sampling and
+        streaming for every task whose sequence is complete. Returns the number of tokens generated."""
+        try:
+            if chunk_lens is None:
+                logits = self._executor.execute_decode(tasks)
+            else:
+                logits = self._executor.execute_prefill(tasks, chunk_lens)
+        except Exception as exc:
+            logger.exception("batched forward failed for %d tasks", len(tasks))
+            self._fail(tasks, f"model forward failed: {type(exc).__name__}: {exc}")
+            return 0
+        for task, n in zip(tasks, chunk_lens or [1] * len(tasks), strict=True):
+            task.next_pos += n
+        if chunk_lens is not None:
+            for task in tasks:  # publish the freshly computed full pages to the prefix cache
+                self._page_cache.task_record_hashes(task.task_id, task.all_ids[: task.next_pos])
+        rows = [i for i, t in enumerate(tasks) if _pending(t) == 0]
+        if not rows:
+            return 0
+        ready = [tasks[i] for i in rows]
+        tokens = self._sample(ready, logits[rows])
+        generated = 0
+        for task, token in zip(ready, tokens, strict=True):
+            if token is not None:
+                self._accept(task, token)
+                generated += 1
+        return generated
+
+    def _sample(self, tasks: list[Task], logits: torch.Tensor) -> list[int | None]:
+        try:
+            return self._executor.sample(tasks, logits)
+        except Exception:
+            pass  # some row's parameters broke the batch: sample row by row to find and fail it alone
+        tokens: list[int | None] = []
+        for row, task in enumerate(tasks):
+            try:
+                tokens += self._executor.sample([task], logits[row : row + 1])
+            except Exception as exc:
+                self._finish(task, "error", f"sampling failed: {type(exc).__name__}: {exc}")
+                tokens.append(None)
+        return tokens
+
+    def _accept(self, task: Task, token: int) -> None:
+        """Record a sampled token, stream it, and finish the task if it hit a stop condition."""
+        try:
+            first = task.first_token_time is None
+            task.append_token(token)
+            if first:
+                self._stats.first_token(task.first_token_time - task.arrival_time)
+            self._stats.count("generation_tokens_total")
+            reason = task.stop_reason()
+            output = self._outputs[task.task_id]
+            output.push(token, visible=reason != "stop")
+            if output.matched_stop is not None:
+                self._finish(task, "stop_sequence")
+            elif reason is not None:
+                self._finish(task, reason)
+        except Exception as exc:
+            logger.exception("handling the output of task %s failed", task.task_id)
+            self._finish(task, "error", f"{type(exc).__name__}: {exc}")
+
+    def _finish(self, task: Task, reason: str, error: str | None = None) -> None:
+        """Retire `task` with `reason`: free its pages, drop it from the queues, send its final event."""
+        if task.status in (TaskStatus.FINISHED, TaskStatus.ABORTED):
+            return
+        holds_pages = task.status is TaskStatus.RUNNING
+        task.finish(
+            TaskStatus.FINISHED if reason in ("stop", "stop_sequence", "length") else TaskStatus.ABORTED, reason, error
+        )
+        if holds_pages:
+            self._release_pages(task)
+        self._task_mgr.retire(task)
+        counter = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
+        self._stats.count(counter)
+        output = self._outputs.pop(task.task_id, None)
+        if output is None:
+            return
+        self._publish_stats()  # whoever reads the final event then sees stats that include it
+        try:
+            output.finish(reason, error)
+        except Exception:
+            logger.exception("delivering the final event of task %s failed", task.task_id)
+
+    def _fail(self, tasks: list[Task], error: str) -> None:
+        for task in tasks:
+            try:
+                self._finish(task, "error", error)
+            except Exception:  # even bookkeeping broke for this task: drop it rather than stop the loop
+                logger.exception("failing task %s failed", task.task_id)
+                if task in self._task_mgr.active_tasks:
+                    self._task_mgr.active_tasks.remove(task)
+
+    def _release_pages(self, task: Task) -> None:
+        # Keep what was computed reusable: full pages of the cached sequence go to the prefix index first.
+        self._page_cache.task_record_hashes(task.task_id, task.all_ids[: task.next_pos])
+        self._page_cache.task_free(task.task_id)
+
+    def _end_all(self, reason: str) -> None:
+        """The loop is stopping: end every task still queued or running."""
+        for task, output in self._task_mgr.drain_inbox():
+            self._outputs[task.task_id] = output
+        for task in self._task_mgr.get_active_tasks() + self._task_mgr.get_waiting_tasks():
+            try:
+                self._finish(task, reason)
+            except Exception:
+                logger.exception("ending task %s failed", task.task_id)
+        self._task_mgr.active_tasks.clear()
+        self._task_mgr.waiting_queue.clear()
+
+    def _publish_stats(self) -> None:
+        cache = self._page_cache
+        self._stats.publish(
+            running=len(self._task_mgr.active_tasks),
+            pages_total=cache.num_pages,
+            pages_used=cache.num_used_pages,
+            pages_cached=cache.num_cached_pages,
+            pages_free=cache.num_free_pages,
+            max_batch_size=self.max_batch_size,
+            max_seq_len=self.max_seq_len,
+            page_size=self.page_size,
+        )
+
+
+def _pending(task: Task) -> int:
+    """Tokens of the task's sequence not yet in the cache (1 for a decoding task: its last sampled token)."""
+    return task.input_tokens + task.output_tokens - task.next_pos
+
+
+def _padding_groups(tasks: list[Task], lens: list[int]) -> list[tuple[list[Task], list[int]]]:
+    """Split prefill chunks into forwards, longest first, each padded to its longest chunk by at most
+    `_MAX_PADDING` of its tokens."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(tasks)), key=lambda i: -lens[i]):
+        group = groups[-1] if groups else None
+        if group is not None and lens[group[0]] * (len(group) + 1) <= (1 + _MAX_PADDING) * (
+            sum(lens[j] for j in group) + lens[i]
+        ):
+            group.append(i)
+        else:
+            groups.append([i])
+    return [([tasks[i] for i in g], [lens[i] for i in g]) for g in groups]

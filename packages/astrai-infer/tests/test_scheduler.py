@@ -1,0 +1,192 @@
+"""InferenceScheduler: chunked prefill, ragged decode batches, first token from the prefill, preemption order,
+cancellation owned by the loop, and the TaskManager's thread-safe door."""
+
+import threading
+
+import pytest
+
+from astrai.inference import (
+    InferenceScheduler,
+    LoopStoppedError,
+    OutputStream,
+    QueueFullError,
+    Task,
+    TaskManager,
+)
+
+
+class _Recorder:
+    """Collects one task's events; `done` is set by its final event."""
+
+    def __init__(self):
+        self.events = []
+        self.done = threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if event.finished:
+            self.done.set()
+
+    def ids(self):
+        assert self.done.wait(30)
+        return [t for e in self.events for t in e.token_ids]
+
+
+@pytest.fixture
+def scheduler(model, tokenizer):
+    """`scheduler(start=True, **kwargs)` -> an InferenceScheduler whose executor calls are logged in `.calls`
+    (`start=False`: queue tasks first, so they are admitted together, then call `.start()`)."""
+    made = []
+
+    def make(start=True, **kwargs):
+        sched = InferenceScheduler(model, tokenizer, **kwargs)
+        sched.calls = []
+        executor = sched.executor
+        prefill, decode = executor.execute_prefill, executor.execute_decode
+
+        def logged_prefill(tasks, lens):
+            sched.calls.append(("prefill", [(t.task_id, t.next_pos, n) for t, n in zip(tasks, lens)]))
+            return prefill(tasks, lens)
+
+        def logged_decode(tasks):
+            sched.calls.append(("decode", [(t.task_id, t.next_pos, 1) for t in tasks]))
+            return decode(tasks)
+
+        executor.execute_prefill, executor.execute_decode = logged_prefill, logged_decode
+        if start:
+            sched.start()
+        made.append(sched)
+        return sched
+
+    yield make
+    for sched in made:
+        sched.stop()
+
+
+def _add(sched, prompt, n, **kwargs):
+    rec = _Recorder()
+    task_id = sched.add_task(prompt, max_tokens=n, temperature=0.0, stream_callback=rec, **kwargs)
+    return task_id, rec
+
+
+def test_long_prompts_are_prefilled_in_chunks_of_the_budget(scheduler, naive_greedy):
+    sched = scheduler(max_seq_len=64, max_prefill_tokens=8)
+    prompt = list(range(40, 70))  # 30 tokens
+    task_id, rec = _add(sched, prompt, 3)
+    assert rec.ids() == naive_greedy(prompt, 3)
+    chunks = [(pos, n) for kind, rows in sched.calls if kind == "prefill" for tid, pos, n in rows if tid == task_id]
+    assert chunks == [(0, 8), (8, 8), (16, 8), (24, 6)]
+
+
+def test_prefill_chunks_share_a_forward_only_when_padding_is_small(scheduler, naive_greedy):
+    sched = scheduler(start=False, max_seq_len=64)
+    prompts = [list(range(10, 40)), list(range(50, 78)), [7, 8, 9]]  # 30, 28 and 3 tokens
+    recs = [_add(sched, p, 2) for p in prompts]
+    sched.start()
+    for prompt, (_, rec) in zip(prompts, recs):
+        assert rec.ids() == naive_greedy(prompt, 2)
+    prefills = [[n for _, _, n in rows] for kind, rows in sched.calls if kind == "prefill"]
+    assert prefills == [[30, 28], [3]]  # padding 3 tokens to 30 would waste most of a forward
+
+
+def test_first_token_is_sampled_from_the_prefill_logits(scheduler, naive_greedy):
+    sched = scheduler(max_seq_len=64)
+    _, rec = _add(sched, [11, 12, 13, 14, 15], 1)
+    assert rec.ids() == naive_greedy([11, 12, 13, 14, 15], 1)
+    assert [kind for kind, _ in sched.calls] == ["prefill"]  # no decode step re-fed the last prompt token
+
+
+def test_tasks_at_different_positions_decode_in_one_forward(scheduler, naive_greedy):
+    sched = scheduler(start=False, max_seq_len=64)
+    short, long_ = [5, 6], list(range(20, 37))
+    (a, rec_a), (b, rec_b) = _add(sched, short, 8), _add(sched, long_, 8)
+    sched.start()
+    assert rec_a.ids() == naive_greedy(short, 8) and rec_b.ids() == naive_greedy(long_, 8)
+    ragged = [rows for kind, rows in sched.calls if kind == "decode" and {r[0] for r in rows} == {a, b}]
+    assert ragged and all(len({pos for _, pos, _ in rows}) == 2 for rows in ragged)
+
+
+def test_page_shortage_preempts_the_newest_task_and_recomputes_it(scheduler, naive_greedy):
+    # 8 pages of 4 tokens: each task grows to 20 tokens (5 pages), so both cannot hold their pages at once.
+    sched = scheduler(start=False, max_seq_len=32, page_size=4, num_pages=8)
+    preempted = []
+    real = sched._preempt
+    sched._preempt = lambda task: (preempted.append(task.task_id), real(task))
+    old, rec_old = _add(sched, [1, 2, 3, 4], 16)
+    new, rec_new = _add(sched, [9, 8, 7, 6], 16)
+    sched.start()
+    assert rec_old.ids() == naive_greedy([1, 2, 3, 4], 16)
+    assert rec_new.ids() == naive_greedy([9, 8, 7, 6], 16)
+    assert preempted and set(preempted) == {new}
+    assert sched.get_stats()["preemptions"] == len(preempted)
+    # After preemption it was prefilled again: prompt + generated-so-far (its own full pages came back from
+    # the prefix cache), continuing where it stopped.
+    prefills = [(pos, n) for kind, rows in sched.calls if kind == "prefill" for tid, pos, n in rows if tid == new]
+    assert prefills[0] == (0, 4) and len(prefills) >= 2 and all(pos + n > 5 for pos, n in prefills[1:])
+    assert sched.page_cache.num_used_pages == 0
+    sched.page_cache.check_invariants()
+
+
+def test_cancellation_is_only_a_flag_until_the_loop_acts(scheduler):
+    sched = scheduler(max_seq_len=64)
+    entered, release = threading.Event(), threading.Event()
+    decode = sched.executor.execute_decode
+
+    def gated(tasks):
+        entered.set()
+        release.wait()
+        return decode(tasks)
+
+    sched.executor.execute_decode = gated
+    task_id, rec = _add(sched, [1, 2, 3], 30)
+    assert entered.wait(10)
+    assert sched.remove_task(task_id)
+    assert sched.page_cache.num_used_pages > 0  # the loop is busy: nothing was freed behind its back
+    assert [t.task_id for t in sched.task_manager.get_active_tasks()] == [task_id]
+    release.set()
+    assert rec.done.wait(10) and rec.events[-1].finish_reason == "cancelled"
+    assert sched.page_cache.num_used_pages == 0
+    assert not sched.remove_task(task_id)  # already retired
+
+
+def test_constructor_validates_its_budget(model, tokenizer):
+    with pytest.raises(ValueError, match="num_pages"):
+        InferenceScheduler(model, tokenizer, max_seq_len=64, page_size=16, num_pages=3)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        InferenceScheduler(model, tokenizer, max_batch_size=0)
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        InferenceScheduler(model, tokenizer, max_prefill_tokens=-1)
+
+
+def test_task_manager_bounds_the_queue_and_refuses_after_close(tokenizer):
+    manager = TaskManager(max_queue=2)
+
+    def task():
+        t = Task(task_id=manager.new_task_id(), prompt_ids=[1, 2])
+        return t, OutputStream(t, tokenizer)
+
+    first, second = task(), task()
+    manager.add_task(*first)
+    manager.add_task(*second)
+    with pytest.raises(QueueFullError):
+        manager.add_task(*task())
+    assert manager.num_waiting == 2
+    assert [t for t, _ in manager.drain_inbox()] == [first[0], second[0]]
+    manager.activate(manager.pull_candidates(1)[0])
+    assert manager.num_waiting == 1
+    manager.add_task(*task())  # room again
+    assert manager.cancel(first[0].task_id) and first[0].cancelled
+    assert not manager.cancel("req-unknown")
+    manager.close()
+    with pytest.raises(LoopStoppedError):
+        manager.add_task(*task())
+    with pytest.raises(ValueError, match="max_queue"):
+        TaskManager(max_queue=0)
+
+
+def test_stop_without_start_still_ends_queued_tasks(scheduler):
+    sched = scheduler(start=False, max_seq_len=64)
+    _, rec = _add(sched, [1, 2, 3], 4)
+    sched.stop()
+    assert rec.done.is_set() and rec.events[-1].finish_reason == "cancelled"
+    assert not sched.is_alive()

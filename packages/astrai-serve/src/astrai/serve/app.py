@@ -1,0 +1,185 @@
+"""`create_app`: the FastAPI application serving one `InferenceEngine` over HTTP.
+
+Endpoints: `POST /v1/chat/completions` (OpenAI), `POST /v1/messages` and `POST /v1/messages/count_tokens`
+(Anthropic), `GET /v1/models` (OpenAI's list shape, or Anthropic's when the request carries an
+`anthropic-version` header), `GET /health` (200 while the engine loop runs, else 503), `GET /stats` (the
+engine's `get_stats()`), `GET /metrics` (Prometheus text).
+
+Every error a client can see is in the error shape of the protocol its path belongs to (`/v1/messages...`
+is Anthropic, everything else OpenAI): FastAPI's validation errors (answered 400, not 422, as both
+APIs do), HTTP errors such as 404, refused API keys (401), overload (429 / Anthropic 529, with
+`retry-after`) and unexpected failures (500). The app holds no module-level state: everything lives in
+the closure of `create_app`, and the lifespan shuts the engine down when the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from astrai.serve.anthropic_builder import AnthropicResponseBuilder
+from astrai.serve.anthropic_schema import CountTokensRequest, MessagesRequest
+from astrai.serve.auth import APIKeyMiddleware
+from astrai.serve.builder import ResponseBuilder
+from astrai.serve.errors import APIError
+from astrai.serve.handler import ProtocolHandler
+from astrai.serve.metrics import CONTENT_TYPE, render_metrics
+from astrai.serve.openai_builder import OpenAIResponseBuilder
+from astrai.serve.openai_schema import ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from astrai.inference import InferenceEngine
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"  # seconds a client should wait after an overload answer
+MAX_DESCRIBED_ERRORS = 5
+
+
+def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """(message, param) for a request body that failed to parse or validate.
+
+    The message lists the failing paths (e.g. `messages.0.content.list[TextBlock].0.type`, where pydantic
+    names the union member tried); `param` is the top-level field at fault.
+    """
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        reason = errors[0].get("ctx", {}).get("error", errors[0]["msg"])
+        return f"the request body is not valid JSON: {reason}", None
+    described = []
+    for error in errors[:MAX_DESCRIBED_ERRORS]:
+        path = ".".join(str(part) for part in error["loc"][1:])  # loc[0] is "body"
+        described.append(
+            f"{path}: {error['msg']}" if path else f"the request body must be a JSON object: {error['msg']}"
+        )
+    first_loc = errors[0]["loc"] if errors else ()
+    return "; ".join(described) or "invalid request", (str(first_loc[1]) if len(first_loc) > 1 else None)
+
+
+def create_app(
+    engine: InferenceEngine,
+    *,
+    api_key: str | None = None,
+    max_queue: int | None = None,
+    model_name: str | None = None,
+) -> FastAPI:
+    """A FastAPI app serving `engine`; see the module docstring.
+
+    api_key: when set, every endpoint but `/health` requires it (`Authorization: Bearer` or `x-api-key`).
+    max_queue: when set, a request that would leave more than this many requests waiting in the engine is
+        refused with 429 / 529 (the engine's own `max_queue` is enforced either way).
+    model_name: the name reported in responses and `/v1/models` (default: `engine.model_name`).
+    """
+    if max_queue is not None and max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1 or None, got {max_queue}")
+    name = model_name or engine.model_name
+    openai_builder = OpenAIResponseBuilder(name)
+    anthropic_builder = AnthropicResponseBuilder(name)
+    started = time.time()
+
+    def builder_for(path: str) -> ResponseBuilder:
+        return anthropic_builder if path.startswith("/v1/messages") else openai_builder
+
+    def error_response(path: str, status: int, message: str, param: str | None = None) -> JSONResponse:
+        wire_status, body = builder_for(path).error_body(status, message, param)
+        headers = {"retry-after": RETRY_AFTER_S} if status == 429 else None
+        return JSONResponse(body, status_code=wire_status, headers=headers)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)  # joins the scheduler thread; keep the event loop free
+
+    app = FastAPI(
+        title="AstrAI",
+        summary="OpenAI- and Anthropic-compatible LLM server",
+        lifespan=lifespan,
+        strict_content_type=False,  # a body without Content-Type is read as JSON (curl, simple clients)
+    )
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return error_response(request.url.path, exc.status, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        message, param = _describe_validation_error(exc)
+        return error_response(request.url.path, 400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(request.url.path, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}")
+
+    if api_key is not None:
+        app.add_middleware(
+            APIKeyMiddleware,
+            api_key=api_key,
+            reject=lambda path: error_response(path, 401, "invalid or missing API key"),
+        )
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        handler = ProtocolHandler(body, engine, openai_builder, http_request=request, max_queue=max_queue)
+        return await handler.handle()
+
+    @app.post("/v1/messages", response_model=None)
+    async def messages(body: MessagesRequest, request: Request) -> Any:
+        handler = ProtocolHandler(body, engine, anthropic_builder, http_request=request, max_queue=max_queue)
+        return await handler.handle()
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
+        prompt_ids = anthropic_builder.encode_prompt(engine, anthropic_builder.chat_messages(body))
+        return {"input_tokens": len(prompt_ids)}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        if "anthropic-version" in request.headers:
+            created_at = datetime.fromtimestamp(started, UTC).isoformat().replace("+00:00", "Z")
+            entry = {
+                "type": "model",
+                "id": name,
+                "display_name": name,
+                "created_at": created_at,
+                "lifecycle": "active",
+                "max_input_tokens": engine.max_seq_len,
+            }
+            return {"data": [entry], "has_more": False, "first_id": name, "last_id": name}
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": int(started), "owned_by": "astrai"}],
+        }
+
+    @app.get("/health", response_model=None)
+    async def health() -> Response | dict[str, str]:
+        if engine.is_alive():
+            return {"status": "ok"}
+        return JSONResponse({"status": "unavailable", "detail": "the engine loop is not running"}, status_code=503)
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return engine.get_stats()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render_metrics(engine.get_stats()), media_type=CONTENT_TYPE)
+
+    return app

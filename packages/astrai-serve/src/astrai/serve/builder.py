@@ -1,0 +1,99 @@
+"""`ResponseBuilder`: what a wire protocol (OpenAI, Anthropic) contributes to serving a request.
+
+The `ProtocolHandler` runs the same steps for every protocol (prepare, submit, stream or collect, cancel on
+disconnect); a builder supplies the protocol-specific parts: reading the request into a prompt and a
+`GenContext`, and writing stream frames, the final response body and error bodies. Builders hold no
+per-request state, so one instance per protocol serves every request of an app.
+
+Server-sent events are framed here (`sse`): every event ends with a blank line, as the SSE specification and
+both official SDKs require (the original ended events with a single newline, so clients merged them).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+from astrai.serve.context import GenContext
+from astrai.serve.errors import APIError
+
+if TYPE_CHECKING:
+    from astrai.inference import InferenceEngine
+
+
+def sse(data: dict[str, Any] | str, event: str | None = None) -> str:
+    """One server-sent event: optional `event:` line, one `data:` line (compact JSON), blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    head = f"event: {event}\n" if event is not None else ""
+    return f"{head}data: {payload}\n\n"
+
+
+def check_context(prompt_tokens: int, max_tokens: int | None, max_seq_len: int, param: str) -> None:
+    """Refuse (400) a prompt that leaves no room, or a `max_tokens` that does not fit the model's context."""
+    if max_tokens is None:
+        if prompt_tokens >= max_seq_len:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_tokens} tokens, which leaves no room to generate within the model's "
+                f"context length of {max_seq_len} tokens",
+                "messages",
+            )
+    elif prompt_tokens + max_tokens > max_seq_len:
+        raise APIError(
+            400,
+            f"the prompt ({prompt_tokens} tokens) plus {param} ({max_tokens}) exceeds the model's context length "
+            f"of {max_seq_len} tokens",
+            param,
+        )
+
+
+class ResponseBuilder(ABC):
+    """Protocol-specific request reading and response writing; see the module docstring."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name  # reported in every response's `model` field
+
+    @abstractmethod
+    def prepare(self, request: Any, engine: InferenceEngine) -> tuple[list[int], GenContext, list[str]]:
+        """Validate `request` against the engine and return (prompt token ids, context, stop strings).
+
+        Raises `APIError` (400) for anything the request schema alone could not check.
+        """
+
+    @abstractmethod
+    def format_stream_start(self, ctx: GenContext) -> list[str]:
+        """The SSE frames sent before any generated text."""
+
+    @abstractmethod
+    def format_chunk(self, ctx: GenContext, text: str, index: int = 0) -> str:
+        """The SSE frame carrying a new piece of text of choice `index`."""
+
+    @abstractmethod
+    def format_stream_end(self, ctx: GenContext) -> list[str]:
+        """The SSE frames closing a stream whose choices all finished normally (finish reasons, usage)."""
+
+    @abstractmethod
+    def format_response(self, ctx: GenContext) -> dict[str, Any]:
+        """The JSON body of a non-streaming response whose choices all finished normally."""
+
+    @abstractmethod
+    def format_stream_error(self, status: int, message: str) -> str:
+        """The SSE frame reporting a failure after the stream started (the stream ends after it)."""
+
+    @abstractmethod
+    def error_body(self, status: int, message: str, param: str | None) -> tuple[int, dict[str, Any]]:
+        """The (HTTP status, JSON body) of a refused request in this protocol's error shape."""
+
+    @staticmethod
+    def encode_prompt(engine: InferenceEngine, messages: list[dict[str, str]]) -> list[int]:
+        """Render `messages` ({"role", "content"} dicts) with the chat template and tokenise them, once.
+
+        A chat template is Jinja code run on the client's messages, and templates reject conversations they
+        do not support (`raise_exception("roles must alternate")`, ...), with whatever exception type the
+        template engine uses; such a refusal is the request's fault, so it is a 400, never a 500.
+        """
+        try:
+            return list(engine.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+        except Exception as exc:
+            raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages") from exc

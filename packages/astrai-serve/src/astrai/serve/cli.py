@@ -1,0 +1,59 @@
+"""`astrai serve`: load a model folder into an `InferenceEngine` and serve it under uvicorn.
+
+torch, uvicorn and the engine are imported inside `run`, so `astrai --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+API_KEY_ENV = "ASTRAI_API_KEY"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Serve a model over OpenAI- and Anthropic-compatible HTTP."""
+    parser.add_argument("--model", required=True, help="model folder (config.json, weights, tokenizer files)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: the engine's)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default: the engine's)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="prompt + output limit (default: model's)")
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+    parser.add_argument("--num-pages", type=int, default=None, help="KV-cache pages (default: the engine's)")
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429/529")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require this key (Bearer or x-api-key) on every endpoint but /health (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument("--model-name", default=None, help="name reported to clients (default: folder name)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model must be a model folder, got {args.model!r}")
+    import torch
+    import uvicorn
+
+    from astrai.inference import InferenceEngine
+    from astrai.serve.app import create_app
+
+    engine = InferenceEngine.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        max_queue=args.max_queue,
+    )
+    app = create_app(engine, api_key=args.api_key or None, model_name=args.model_name)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,64 @@
+"""Per-request generation state shared by the handler and the response builders.
+
+A `GenContext` is created by `ResponseBuilder.prepare` for one HTTP request. It holds what every response
+chunk repeats (id, creation time, model name), the sampling arguments for the engine, and one `ChoiceState`
+per independent generation (OpenAI's `n`; Anthropic always has one). `record` folds engine
+`GenerationEvent`s into it, so at the end it holds the full text, finish reason and token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from astrai.inference import GenerationEvent
+
+# Final finish reasons that mean the generation did not complete normally (engine failure or shutdown).
+FAILED_FINISH_REASONS = frozenset({"error", "cancelled"})
+
+
+@dataclass
+class ChoiceState:
+    """What one generation has produced so far."""
+
+    index: int
+    text: str = ""
+    completion_tokens: int = 0
+    finished: bool = False
+    finish_reason: str | None = None  # engine terms: stop, stop_sequence, length, cancelled, error
+    stop_sequence: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenContext:
+    """State of one HTTP request's generation(s); see the module docstring."""
+
+    resp_id: str
+    created: int  # unix seconds, identical in every chunk of a stream
+    model: str
+    prompt_tokens: int
+    completion_tokens: int = 0  # summed over choices
+    cached_tokens: int = 0  # prompt tokens the engine served from its prefix cache
+    stream: bool = False
+    include_usage: bool = False  # OpenAI stream_options.include_usage
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams arguments other than `stop`
+    choices: list[ChoiceState] = field(default_factory=lambda: [ChoiceState(0)])
+
+    def record(self, index: int, event: GenerationEvent) -> None:
+        """Fold one engine event of choice `index` into the context."""
+        choice = self.choices[index]
+        choice.text += event.text
+        self.completion_tokens += event.completion_tokens - choice.completion_tokens
+        choice.completion_tokens = event.completion_tokens
+        if index == 0:  # every choice has the same prompt; report the first one's cache hits
+            self.cached_tokens = event.cached_tokens
+        if event.finished:
+            choice.finished = True
+            choice.finish_reason = event.finish_reason
+            choice.stop_sequence = event.stop_sequence
+            choice.error = event.error
+
+    def failure(self) -> ChoiceState | None:
+        """The first choice that ended in an engine error or cancellation, if any."""
+        return next((c for c in self.choices if c.finish_reason in FAILED_FINISH_REASONS), None)

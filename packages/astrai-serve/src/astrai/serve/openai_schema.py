@@ -1,0 +1,109 @@
+"""Request schema of OpenAI's `POST /v1/chat/completions`, as far as this server implements it.
+
+Field names, types and ranges follow the OpenAI API reference. Unknown fields are ignored (clients send
+many optional ones); fields that ask for output this server cannot produce (`tools`, `logprobs`, a JSON
+`response_format`) are refused instead of silently ignored. `top_k`, `repetition_penalty` and
+`ignore_eos` are extensions in the style of vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from astrai.serve.fields import StopSequences, TextBlock, joined_text
+
+MAX_CHOICES = 16  # upper bound on `n`: each choice is an independent engine request
+
+
+class ChatMessage(BaseModel):
+    """One chat message. `content` is a string or a list of text parts (joined with newlines)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextBlock] | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return joined_text(self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of `POST /v1/chat/completions`; `None` means "the engine's default" for every sampling field."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name; wins over max_tokens
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | StopSequences | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    logit_bias: dict[int, float] | None = None  # JSON keys are strings; pydantic parses them as token ids
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    user: str | None = None
+    ignore_eos: bool | None = False
+    logprobs: bool | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        if isinstance(self.stop, str):
+            return [self.stop]
+        return list(self.stop or [])
+
+    @field_validator("stop")
+    @classmethod
+    def _check_single_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop == "":
+            raise ValueError("stop sequences must be non-empty strings")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[int, float] | None) -> dict[int, float] | None:
+        for token_id, value in (bias or {}).items():
+            if token_id < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {token_id}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token_id}")
+        return bias
+
+    @field_validator("logprobs")
+    @classmethod
+    def _refuse_logprobs(cls, logprobs: bool | None) -> bool | None:
+        if logprobs:
+            raise ValueError("logprobs are not supported by this server")
+        return logprobs
+
+    @field_validator("response_format")
+    @classmethod
+    def _refuse_structured_output(cls, fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+        if fmt is not None and fmt.get("type", "text") != "text":
+            raise ValueError(f"response_format {fmt.get('type')!r} is not supported; only 'text' is")
+        return fmt
+
+    @field_validator("tools")
+    @classmethod
+    def _refuse_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if tools:
+            raise ValueError("tool calling is not supported by this server")
+        return tools

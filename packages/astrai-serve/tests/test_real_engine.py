@@ -1,0 +1,247 @@
+"""The server over the real `InferenceEngine`: a tiny random `AutoRegressiveLM` with a character tokenizer.
+
+Expected outputs come from the engine itself (`engine.generate` on the same prompt ids, greedy), so these
+tests check that the HTTP layer delivers exactly what the engine produces, plus cancellation end to end.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models
+
+from astrai.config import AutoRegressiveLMConfig
+from astrai.inference import InferenceEngine
+from astrai.model import AutoRegressiveLM
+from astrai.serve import create_app
+
+SPECIALS = ["<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHARS = [chr(c) for c in range(32, 127)]
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('the assistant cannot speak first') }}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+USER = [{"role": "user", "content": "Tell me a story."}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    config = AutoRegressiveLMConfig(
+        vocab_size=len(vocab), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=128, max_len=512
+    )
+    torch.manual_seed(0)
+    AutoRegressiveLM(config).save_pretrained(folder)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(SPECIALS)
+    tok.decoder = decoders.Fuse()
+    tok.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {"eos_token": "<eos>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder
+
+
+@pytest.fixture
+def real(model_dir, serve_app):
+    """(engine, base URL, submitted handles, "submitted" event, "a handle was cancelled" event) for a server
+    over a fresh engine whose submit and handle.cancel are recorded."""
+    engine = InferenceEngine.from_pretrained(model_dir, max_batch_size=8, page_size=4, max_seq_len=512)
+    handles, submitted, cancelled = [], threading.Event(), threading.Event()
+    submit = engine.submit
+
+    def recording_submit(prompt_ids, params):
+        handle = submit(prompt_ids, params)
+        cancel = handle.cancel
+
+        def recording_cancel():
+            cancelled.set()
+            cancel()
+
+        handle.cancel = recording_cancel
+        handles.append(handle)
+        submitted.set()
+        return handle
+
+    engine.submit = recording_submit
+    with serve_app(create_app(engine)) as url:
+        yield engine, url, handles, submitted, cancelled
+
+
+def _reference(engine, messages, max_tokens):
+    """The engine's own greedy output (text, token count) for a chat, without HTTP."""
+    ids = engine.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    out = engine.generate(ids, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return engine.tokenizer.decode(out), len(ids)
+
+
+def _openai(url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, _strict_response_validation=True)
+
+
+def _anthropic(url):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=url, api_key="k", max_retries=0, _strict_response_validation=True)
+
+
+def test_openai_plain_and_stream_match_the_engine(real):
+    engine, url, *_ = real
+    expected, prompt_tokens = _reference(engine, USER, 12)
+    client = _openai(url)
+    greedy = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+    r = client.chat.completions.create(model="m", messages=USER, **greedy)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (expected, "length")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, 12)
+    assert r.model == engine.model_name
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=USER, stream=True, stream_options={"include_usage": True}, **greedy
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: prefix cache hit
+
+
+def test_stop_sequence_matches_the_engine(real):
+    engine, url, *_ = real
+    text, _ = _reference(engine, USER, 24)
+    stop = text[6:8]
+    expected = text[: text.index(stop)]
+    client = _openai(url)
+    greedy = {"temperature": 0, "max_tokens": 24, "extra_body": {"ignore_eos": True}}
+    r = client.chat.completions.create(model="m", messages=USER, stop=[stop], **greedy)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (expected, "stop")
+    stream = client.chat.completions.create(model="m", messages=USER, stop=[stop], stream=True, **greedy)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
+    m = _anthropic(url).messages.create(
+        model="m", max_tokens=24, messages=USER, stop_sequences=[stop], extra_body={"temperature": 0}
+    )
+    if m.stop_reason == "stop_sequence":  # greedy without ignore_eos: EOS could come first
+        assert (m.content[0].text, m.stop_sequence) == (expected, stop)
+
+
+def test_chat_template_refusal_is_a_400(real):
+    import anthropic
+    import openai
+
+    _, url, handles, *_ = real
+    messages = [{"role": "assistant", "content": "Hello"}, *USER]
+    with pytest.raises(openai.BadRequestError, match="the assistant cannot speak first") as err:
+        _openai(url).chat.completions.create(model="m", messages=messages)
+    assert err.value.body["param"] == "messages"
+    with pytest.raises(anthropic.BadRequestError, match="the assistant cannot speak first"):
+        _anthropic(url).messages.create(model="m", max_tokens=8, messages=messages)
+    assert handles == []
+
+
+def test_anthropic_stream_matches_non_stream(real):
+    _, url, *_ = real
+    client = _anthropic(url)
+    args = {"model": "m", "max_tokens": 10, "messages": USER, "extra_body": {"temperature": 0}}
+    plain = client.messages.create(**args)
+    with client.messages.stream(**args) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == plain.content[0].text
+    assert (final.stop_reason, final.usage.output_tokens) == (plain.stop_reason, plain.usage.output_tokens)
+
+
+def test_concurrent_streams_match_sequential_references(real):
+    engine, url, *_ = real
+    chats = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(6)]
+    expected = [_reference(engine, chat, 10)[0] for chat in chats]
+
+    async def run():
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+
+        async def one(chat):
+            stream = await client.chat.completions.create(
+                model="m", messages=chat, stream=True, temperature=0, max_tokens=10, extra_body={"ignore_eos": True}
+            )
+            return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+        return await asyncio.gather(*(one(chat) for chat in chats))
+
+    assert asyncio.run(run()) == expected
+
+
+def test_streaming_disconnect_cancels_in_the_engine(real):
+    engine, url, handles, submitted, cancelled = real
+    body = {"model": "m", "messages": USER, "stream": True, "max_tokens": 400, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break  # the first generated piece
+    assert cancelled.wait(30)
+    final = list(handles[0].iter_sync(timeout=30))[-1]  # nobody else reads the handle any more
+    assert final.finished and final.finish_reason == "cancelled" and final.completion_tokens < 400
+
+
+def test_non_streaming_disconnect_cancels_in_the_engine(real):
+    engine, url, handles, submitted, cancelled = real
+    body = json.dumps({"model": "m", "messages": USER, "max_tokens": 400, "ignore_eos": True}).encode()
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert submitted.wait(30)
+    assert cancelled.wait(30)
+    final = list(handles[0].iter_sync(timeout=30))[-1]
+    assert final.finish_reason == "cancelled" and final.completion_tokens < 400
+
+
+def test_health_stats_and_metrics_from_the_real_engine(real):
+    engine, url, *_ = real
+    _openai(url).chat.completions.create(model="m", messages=USER, max_tokens=4)
+    assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
+    stats = httpx.get(f"{url}/stats", timeout=10).json()
+    assert stats["requests_finished"] >= 1 and stats["loop_alive"] is True
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    for name in (
+        "astrai_requests_running",
+        "astrai_requests_waiting",
+        "astrai_kv_pages_used",
+        "astrai_prefix_cache_hit_rate",
+        "astrai_time_to_first_token_seconds_count",
+        "astrai_generation_tokens_total",
+        "astrai_engine_loop_alive 1",
+    ):
+        assert name in metrics
+
+
+def test_astrai_serve_command(model_dir):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "ASTRAI_API_KEY": "cli-key"}
+    cmd = [sys.executable, "-m", "astrai.cli.main", "serve", "--model", str(model_dir), "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # blocks until uvicorn says it is up (or the process dies: loop ends)
+            if "Uvicorn running" in line:
+                break
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        models = httpx.get(f"{url}/v1/models", headers={"x-api-key": "cli-key"}, timeout=10).json()
+        assert models["data"][0]["id"] == model_dir.name
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

@@ -1,0 +1,29 @@
+"""Training checkpoints: atomic folders of safetensors weights, optimizer/scheduler/sampler/RNG state and
+the run's config, plus the run's `latest` pointer."""
+
+from astrai.serialization.checkpoint import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    META_FILE,
+    MODEL_CONFIG_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    checkpoint_dir,
+    latest_checkpoint,
+    mark_latest,
+)
+from astrai.serialization.rng_state import get_rng_state, set_rng_state
+
+__all__ = [
+    "ADAPTER_CONFIG_FILE",
+    "ADAPTER_WEIGHTS_FILE",
+    "META_FILE",
+    "MODEL_CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "Checkpoint",
+    "checkpoint_dir",
+    "get_rng_state",
+    "latest_checkpoint",
+    "mark_latest",
+    "set_rng_state",
+]

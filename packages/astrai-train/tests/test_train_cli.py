@@ -1,0 +1,124 @@
+"""`astrai train`: run files (YAML and JSON), resume, loss plots, and errors that name the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from astrai.cli.main import main
+from astrai.dataset import save_mmap
+from astrai.serialization import Checkpoint, latest_checkpoint
+from astrai.trainer import read_metrics, read_run_file
+
+MODEL = {"vocab_size": 256, "dim": 32, "n_layers": 1, "n_heads": 4, "dim_ffn": 64, "max_len": 32}
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, make_text_tokens) -> Path:
+    save_mmap(tmp_path / "data", {"sequence": [make_text_tokens(2_000)]})
+    return tmp_path
+
+
+def _run_file(run_dir: Path, name: str = "run.yaml", **changes) -> Path:
+    run = {
+        "seed": 1,
+        "model": {"config": dict(MODEL)},
+        "data": {"path": "data", "window_size": 16},
+        "optimizer": {"name": "adamw", "lr": "3e-3"},  # replaced below by a real YAML float
+        "schedule": {"type": "cosine", "warmup_steps": 2, "lr_decay_steps": 20},
+        "train": {
+            "strategy": "seq",
+            "batch_per_device": 16,
+            "ckpt_dir": "ckpt",
+            "log_dir": "logs",
+            "log_interval": 1,
+            "ckpt_interval": 4,
+            "device_type": "cpu",
+        },
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            run[section][field] = value
+        elif value is None:
+            run.pop(section)
+        else:
+            run[section] = value
+    path = run_dir / name
+    path.write_text(yaml.safe_dump(run).replace("'3e-3'", "3e-3"))  # YAML 1.1 would read 3e-3 as text
+    if name.endswith(".json"):
+        path.write_text(json.dumps(read_run_file(path)))
+    return path
+
+
+def test_train_resume_and_plot(run_dir: Path, capsys) -> None:
+    run_file = _run_file(run_dir)
+    assert read_run_file(run_file)["optimizer"]["lr"] == 3e-3
+    assert main(["train", "--config", str(run_file)]) == 0
+    assert (run_dir / "logs" / "loss.png").stat().st_size > 0
+    first = latest_checkpoint(run_dir / "ckpt")
+    ckpt = Checkpoint.load(first)
+    steps = ckpt.step
+    assert ckpt.meta["run"] == read_run_file(run_file)  # the run file travels with the checkpoint
+    assert ckpt.meta["train_config"]["n_epoch"] == 1 and ckpt.model_config["dim"] == 32
+
+    _run_file(run_dir, train__n_epoch=2)  # the same run, one more epoch
+    assert main(["train", "--config", str(run_file), "--resume"]) == 0
+    assert f"resuming from {first}" in capsys.readouterr().out
+    log = read_metrics(run_dir / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in log] == list(range(1, 2 * steps + 1))
+
+    (run_dir / "logs" / "loss.png").unlink()
+    assert main(["train", "plot", str(run_dir)]) == 0
+    assert main(["train", "--plot", str(run_dir / "logs")]) == 0
+    assert (run_dir / "logs" / "loss.png").stat().st_size > 0
+
+
+def test_pretrained_model_and_json_run_file(run_dir: Path, make_lm) -> None:
+    model = make_lm(vocab_size=256)
+    model.save_pretrained(run_dir / "base")
+    run_file = _run_file(run_dir, "run.json", model={"pretrained": "base"}, train__n_epoch=1)
+    assert main(["train", "--config", str(run_file)]) == 0
+    assert Checkpoint.load(latest_checkpoint(run_dir / "ckpt")).model_config == model.config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"modle": {}}, "modle: unknown section"),
+        ({"train__n_epochs": 2}, "train.n_epochs: unknown TrainConfig field"),
+        ({"train__n_epoch": 0}, "TrainConfig.n_epoch=0"),
+        ({"train__model": "x"}, "train.model: set by the model/data"),
+        ({"data__window": 16}, "data.window: unknown key"),
+        ({"data": {"path": "data"}}, "data.window_size: missing"),
+        ({"model": {"config": dict(MODEL), "pretrained": "x"}}, "exactly one of model.config"),
+        ({"model": {"config": {**MODEL, "dim": 30}}}, "model.config: AutoRegressiveLMConfig.dim=30"),
+        ({"optimizer__betas1": 0.9}, "optimizer: optimizer 'adamw' got unexpected argument"),
+        ({"optimizer__name": "lion"}, "optimizer name='lion'"),
+        ({"optimizer__lr": "fast"}, "optimizer: optimizer 'adamw': lr='fast' must be a number"),
+        ({"optimizer__betas": [0.9]}, "optimizer: optimizer 'adamw': betas=[0.9] must be 2 numbers"),
+        ({"schedule__lr_decay_steps": -5}, "schedule: schedule 'cosine': CosineScheduler.lr_decay_steps=-5"),
+        ({"schedule": {"warmup_steps": 2}}, "schedule.type: missing"),
+        ({"seed": -1}, "seed: must be an int"),
+    ],
+)
+def test_run_file_errors_name_the_key(run_dir: Path, capsys, changes, message: str) -> None:
+    assert main(["train", "--config", str(_run_file(run_dir, **changes))]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_usage_errors(run_dir: Path, capsys) -> None:
+    assert main(["train"]) == 2
+    assert "--config RUN_FILE is required" in capsys.readouterr().err
+    assert main(["train", "--config", str(run_dir / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (run_dir / "bad.yaml").write_text("train: [unclosed")
+    assert main(["train", "--config", str(run_dir / "bad.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["train", "--config", str(_run_file(run_dir)), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["train", "plot", str(run_dir)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
