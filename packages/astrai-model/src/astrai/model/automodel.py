@@ -26,7 +26,7 @@ from astrai.model import hf
 from astrai.model.weight_files import load_weight_files, save_weight_files, weights_source
 
 
-class AutoModel(BaseFactory[nn.Module], nn.Module):
+class AutoModel(nn.Module, BaseFactory[nn.Module]):
     """Base of every model class; `AutoModel.register("model_type")` makes a class loadable by name."""
 
     kind = "model"

@@ -214,16 +214,6 @@ class DDPExecutor(BaseExecutor):
             yield
 
 
-def _fsdp_can_wrap(cls: type) -> bool:
-    """Whether FSDP2 can turn an instance of `cls` into one of a new class derived from (FSDPModule, cls)."""
-    probe = object.__new__(cls)
-    try:
-        probe.__class__ = type(f"FSDP{cls.__name__}", (FSDPModule, cls), {})
-    except TypeError:
-        return False
-    return True
-
-
 @ExecutorFactory.register("fsdp")
 class FSDPExecutor(BaseExecutor):
     """Fully sharded data parallel (FSDP2 `fully_shard`): parameters, gradients and optimizer state are
@@ -257,26 +247,9 @@ class FSDPExecutor(BaseExecutor):
         # otherwise move CPU params to CUDA (pytorch#132471).
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
         units = self._units(model)
-        wrap_root = _fsdp_can_wrap(type(model))
-        if not wrap_root:
-            # FSDP2 makes the root an instance of a new class (FSDPModule, cls); a class whose bases put
-            # typing.Generic before nn.Module has an incompatible layout. Shard the root's children
-            # instead: each becomes its own FSDP root, which FSDP2 supports.
-            if model._parameters:
-                raise ValueError(
-                    f"FSDP cannot wrap {type(model).__name__} (its class cannot be extended) "
-                    "and it holds parameters of its own"
-                )
-            inside = {id(m) for unit in units for m in unit.modules()}
-            units += [
-                c
-                for c in model.children()
-                if id(c) not in inside and any(True for _ in c.parameters()) and not isinstance(c, nn.ModuleList)
-            ]
         for unit in units:
             fully_shard(unit, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        if wrap_root:
-            fully_shard(model, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # sum over ranks; the loss is already normalised
