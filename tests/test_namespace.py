@@ -16,8 +16,6 @@ def test_namespace_has_five_portions_and_no_init():
 
 
 def test_version_lists_every_distribution():
-    proc = subprocess.run(
-        [sys.executable, "-m", "astrai.cli.main", "version"], capture_output=True, text=True, check=True
-    )
+    proc = subprocess.run([sys.executable, "-m", "astrai.cli", "version"], capture_output=True, text=True, check=True)
     listed = {line.split()[0] for line in proc.stdout.splitlines()}
     assert set(DISTRIBUTIONS) <= listed

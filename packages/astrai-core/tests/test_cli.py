@@ -101,7 +101,7 @@ def test_broken_entry_point_does_not_break_the_command(monkeypatch, capsys):
 
 
 def test_console_script_runs():
-    proc = subprocess.run([sys.executable, "-m", "astrai.cli.main", "version"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "astrai.cli", "version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "astrai-core" in proc.stdout
 
 

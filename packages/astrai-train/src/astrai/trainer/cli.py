@@ -8,6 +8,7 @@ astrai train plot RUN_DIR                  draw RUN_DIR's loss curve to a PNG (a
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -36,7 +37,14 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume: no checkpoint in train.ckpt_dir={config.ckpt_dir}")
         print(f"resuming from {checkpoint}")
     Trainer(config, run_config=run).train(checkpoint)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun every rank runs this command; the first one reports and exports
     print(f"loss curve: {plot_loss(config.log_dir)}")
+    if run.get("output") is not None:
+        from astrai.trainer.export import export_model
+
+        final = latest_checkpoint(config.ckpt_dir)
+        print(f"model: {export_model(run, Path(args.config).resolve().parent, final)}")
     return 0
 
 

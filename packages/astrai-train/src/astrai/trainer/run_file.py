@@ -15,6 +15,8 @@
     optimizer: {name: adamw, lr: 3e-4, weight_decay: 0.1}   # adamw | sgd | muon, with their parameters
     schedule: {type: cosine, warmup_steps: 10, lr_decay_steps: 90}   # optional
     train: {strategy: seq, n_epoch: 1, batch_per_device: 8, ...}     # any plain TrainConfig field
+    output: models/pretrained        # optional: after training, the final model (LoRA merged) and the
+                                     # tokenizer are written here, ready for `astrai serve --model`
 
 Relative paths are relative to the run file's folder. Every mistake raises `ValueError` naming the key.
 The whole file (these plain values) is stored with each checkpoint, so a run can be reproduced from its
@@ -36,7 +38,7 @@ from astrai.dataset import DatasetFactory
 from astrai.model import AutoModel
 from astrai.trainer.optimizer_fn import OptimizerFn, SchedulerFn
 
-RUN_KEYS = ("seed", "model", "tokenizer", "data", "optimizer", "schedule", "train")
+RUN_KEYS = ("seed", "model", "tokenizer", "data", "optimizer", "schedule", "train", "output")
 MODEL_KEYS = ("config", "pretrained")
 DATA_KEYS = ("path", "window_size", "stride", "storage_type", "val_path", "train_type")
 PATH_FIELDS = ("ckpt_dir", "log_dir")
@@ -88,7 +90,8 @@ def _section(run: dict[str, Any], key: str, allowed: tuple[str, ...] | None, req
     return value
 
 
-def _path(base_dir: Path, value: Any, key: str) -> Path:
+def run_path(base_dir: Path, value: Any, key: str) -> Path:
+    """`value` of run-file key `key` as a path; relative paths are relative to the run file's folder."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{key}: must be a path string, got {value!r}")
     path = Path(value).expanduser()
@@ -100,7 +103,7 @@ def build_model(section: dict[str, Any], base_dir: Path) -> torch.nn.Module:
     if ("config" in section) == ("pretrained" in section):
         raise ValueError("model: give exactly one of model.config (a new model) or model.pretrained (a folder)")
     if "pretrained" in section:
-        return AutoModel.from_pretrained(_path(base_dir, section["pretrained"], "model.pretrained"))
+        return AutoModel.from_pretrained(run_path(base_dir, section["pretrained"], "model.pretrained"))
     if not isinstance(section["config"], dict):
         raise ValueError(f"model.config: must be a mapping of model config fields, got {section['config']!r}")
     try:
@@ -116,6 +119,8 @@ def build_train_config(run: dict[str, Any], base_dir: str | Path) -> TrainConfig
     unknown = sorted(set(run) - set(RUN_KEYS))
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown section; allowed {list(RUN_KEYS)}")
+    if run.get("output") is not None:
+        run_path(base_dir, run["output"], "output")  # a bad value fails now, not after training
     train = dict(_section(run, "train", None, required=True))
     misplaced = sorted(set(train) & set(_LIVE_FIELDS))
     if misplaced:
@@ -126,7 +131,7 @@ def build_train_config(run: dict[str, Any], base_dir: str | Path) -> TrainConfig
         raise ValueError(f"train.{unknown[0]}: unknown TrainConfig field; known {fields}")
     for key in PATH_FIELDS:
         if key in train:
-            train[key] = str(_path(base_dir, train[key], f"train.{key}"))
+            train[key] = str(run_path(base_dir, train[key], f"train.{key}"))
 
     seed = run.get("seed", train.get("random_seed", 3407))
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -138,7 +143,7 @@ def build_train_config(run: dict[str, Any], base_dir: str | Path) -> TrainConfig
     if run.get("tokenizer") is not None:
         from astrai.tokenize import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(_path(base_dir, run["tokenizer"], "tokenizer"))
+        tokenizer = AutoTokenizer.from_pretrained(run_path(base_dir, run["tokenizer"], "tokenizer"))
     data = _section(run, "data", DATA_KEYS, required=True)
     for key in ("path", "window_size"):
         if key not in data:
@@ -148,7 +153,7 @@ def build_train_config(run: dict[str, Any], base_dir: str | Path) -> TrainConfig
     def load(key: str) -> Any:
         return DatasetFactory.load(
             train_type,
-            _path(base_dir, data[key], f"data.{key}"),
+            run_path(base_dir, data[key], f"data.{key}"),
             data["window_size"],
             data.get("stride"),
             data.get("storage_type"),
