@@ -85,6 +85,46 @@ def test_pretrained_model_and_json_run_file(run_dir: Path, make_lm) -> None:
     assert Checkpoint.load(latest_checkpoint(run_dir / "ckpt")).model_config == model.config.to_dict()
 
 
+def test_output_folder_is_servable(run_dir: Path) -> None:
+    from itertools import repeat
+
+    import torch
+
+    from astrai.model import AutoModel
+    from astrai.tokenize import AutoTokenizer, train_bpe_tokenizer
+
+    train_bpe_tokenizer(repeat("def main(): return sum(range(10))", 50), 280).save_pretrained(run_dir / "tok")
+    model = {**MODEL, "vocab_size": 280}
+    run_file = _run_file(run_dir, model={"config": model}, tokenizer="tok", output="models/final")
+    assert main(["train", "--config", str(run_file)]) == 0
+    final = AutoModel.from_pretrained(run_dir / "models" / "final")
+    trained = Checkpoint.load(latest_checkpoint(run_dir / "ckpt")).state_dict
+    assert all(torch.equal(final.state_dict()[k], v) for k, v in trained.items())
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "models" / "final")
+    assert tokenizer.vocab_size == 280 and tokenizer.encode("def main") == AutoTokenizer.from_pretrained(
+        run_dir / "tok"
+    ).encode("def main")
+
+
+def test_output_merges_lora_adapters(run_dir: Path, make_lm) -> None:
+    import torch
+
+    from astrai.model import AutoModel
+    from astrai.trainer.lora import load_lora
+
+    make_lm(vocab_size=256).save_pretrained(run_dir / "base")
+    lora = {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}
+    run_file = _run_file(run_dir, model={"pretrained": "base"}, train__lora=lora, output="merged")
+    assert main(["train", "--config", str(run_file)]) == 0
+    merged = AutoModel.from_pretrained(run_dir / "merged")
+    adapted = AutoModel.from_pretrained(run_dir / "base")
+    load_lora(adapted, latest_checkpoint(run_dir / "ckpt"))
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids)["logits"], adapted(ids)["logits"], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(merged(ids)["logits"], AutoModel.from_pretrained(run_dir / "base")(ids)["logits"])
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -103,6 +143,7 @@ def test_pretrained_model_and_json_run_file(run_dir: Path, make_lm) -> None:
         ({"schedule__lr_decay_steps": -5}, "schedule: schedule 'cosine': CosineScheduler.lr_decay_steps=-5"),
         ({"schedule": {"warmup_steps": 2}}, "schedule.type: missing"),
         ({"seed": -1}, "seed: must be an int"),
+        ({"output": 5}, "output: must be a path string"),
     ],
 )
 def test_run_file_errors_name_the_key(run_dir: Path, capsys, changes, message: str) -> None:
