@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from astrai.dataset.h5_store import save_h5
-from astrai.dataset.json_store import _records, save_jsonl
+from astrai.dataset.json_store import read_jsonl, save_jsonl
 from astrai.dataset.mmap_store import save_mmap
 from astrai.dataset.store import list_files
 
@@ -149,7 +149,7 @@ def read_records(files: Sequence[str | Path]) -> Iterator[tuple[str, dict[str, A
     total = sum(_count_lines(p) for p in paths) if large else None
     with tqdm(total=total, unit=" records", desc="records", disable=not large) as bar:
         for path in paths:
-            for item in _records(path):
+            for item in read_jsonl(path):
                 yield item
                 bar.update()
 

@@ -38,7 +38,7 @@ class JSONStore(Store):
         encode = _encoder(tokenizer)
         raw: dict[str, list[Segment]] = {}
         for file in files:
-            for where, record in _records(file):
+            for where, record in read_jsonl(file):
                 if raw and set(record) != set(raw):
                     raise ValueError(f"{where}: record keys {sorted(record)} differ from {sorted(raw)}")
                 for key, value in record.items():
@@ -51,7 +51,7 @@ class JSONStore(Store):
         return self
 
 
-def _records(file: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+def read_jsonl(file: Path) -> Iterable[tuple[str, dict[str, Any]]]:
     with file.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
