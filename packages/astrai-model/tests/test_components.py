@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from astrai.model import GQA, MLP, AttnFactory, Embedding, FFNFactory, Linear, RMSNorm, RotaryEmbedding
+from astrai.model.linear import row_split_linear
 from astrai.model.sdpa import build_attention_mask, default_position_ids, sdpa
 
 
@@ -19,6 +20,24 @@ def test_linear_and_embedding_init():
     assert Linear(4, 3).bias is None
     embedding = Embedding(1000, 64)
     assert abs(embedding.weight.std().item() - 0.02) < 5e-4
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+@pytest.mark.parametrize("out_dim", [96, 97])
+def test_linear_decode_path_matches_f_linear(rows, out_dim):
+    # In inference mode with few rows, Linear runs the row-split batched product (odd out_dim: one block).
+    torch.manual_seed(0)
+    linear = Linear(64, out_dim, bias=True)
+    with torch.no_grad():
+        linear.bias.normal_()
+    x = torch.randn(rows, 1, 64)
+    expected = F.linear(x.double(), linear.weight.double(), linear.bias.double()).float()
+    with torch.inference_mode():
+        fast = linear(x)
+    assert fast.shape == (rows, 1, out_dim) and fast.is_contiguous()
+    torch.testing.assert_close(fast, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(row_split_linear(x, linear.weight, linear.bias), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(linear(x), expected, atol=1e-6, rtol=0)  # outside inference mode: F.linear
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -151,7 +151,7 @@ def test_spawn_rejects_bad_world_size(monkeypatch):
 
 
 TORCHRUN_SCRIPT = """
-    import json, torch, torch.distributed as dist
+    import json, sys, torch, torch.distributed as dist
     from astrai.parallel import get_current_device, get_local_rank, get_rank, get_world_size, spawn_parallel_fn
 
     def work(scale):
@@ -159,7 +159,9 @@ TORCHRUN_SCRIPT = """
         dist.all_reduce(total)
         return [get_rank(), get_world_size(), get_local_rank(), get_current_device(), total.item()]
 
-    print("RESULT", json.dumps(spawn_parallel_fn(work, world_size=2, scale=10)), flush=True)
+    # one write per line: both ranks share the pipe, and print() writes the text and the newline separately
+    sys.stdout.write("RESULT " + json.dumps(spawn_parallel_fn(work, world_size=2, scale=10)) + "\\n")
+    sys.stdout.flush()
 """
 
 
