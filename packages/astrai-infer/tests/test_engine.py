@@ -86,6 +86,23 @@ def test_prefix_hit_is_reported_in_cached_tokens(make_engine, naive_greedy):
     assert events[-1].cached_tokens == 12
 
 
+def test_reset_prefix_cache_after_a_weight_update(model, tokenizer, naive_greedy):
+    model = copy.deepcopy(model)  # this test changes the weights
+    prompt = list(range(20, 33))  # 13 tokens: three full pages of 4
+    with InferenceEngine(model, tokenizer, max_seq_len=64, page_size=4) as engine:
+        _drain(engine.submit(prompt, SamplingParams(max_tokens=3, **GREEDY)))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(0)) * 0.05)
+        _, stale = _drain(engine.submit(prompt, SamplingParams(max_tokens=3, **GREEDY)))
+        assert stale[-1].cached_tokens == 12  # without a reset the old weights' KV is reused
+        engine.reset_prefix_cache()
+        fresh, events = _drain(engine.submit(prompt, SamplingParams(max_tokens=3, **GREEDY)))
+        assert events[-1].cached_tokens == 0
+        assert fresh == naive_greedy(prompt, 3, model=model)
+        engine.scheduler.page_cache.check_invariants()
+
+
 def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(make_engine):
     engine = make_engine(max_seq_len=64)
     params = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=1234, ignore_eos=True)

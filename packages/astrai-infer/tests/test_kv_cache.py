@@ -68,6 +68,23 @@ def test_cached_prefix_survives_its_owner_and_is_evicted_deepest_page_first():
     cache.check_invariants()
 
 
+def test_reset_prefix_cache_frees_cached_pages_and_uncaches_live_ones():
+    cache = KVCache(1, 8, 2, (1,), (1,))
+    for task, prompt in (("a", [1, 2, 3, 4, 5]), ("b", [6, 7, 8])):
+        assert cache.task_alloc(task, prompt)
+        cache.task_record_hashes(task, prompt)
+    cache.task_free("a")
+    assert (cache.num_used_pages, cache.num_cached_pages) == (2, 2)  # b's pages live, a's prefix cached
+    cache.reset_prefix_cache()
+    cache.check_invariants()
+    assert (cache.num_used_pages, cache.num_cached_pages, cache.num_free_pages) == (2, 0, 6)
+    assert cache.task_alloc("c", [1, 2, 3, 4, 5]) and cache.task_cached("c") == 0  # nothing reused
+    cache.task_free("b")  # b's page was indexed before the reset: it is freed, not cached
+    cache.task_free("c")
+    assert (cache.num_used_pages, cache.num_cached_pages, cache.num_free_pages) == (0, 0, 8)
+    cache.check_invariants()
+
+
 def test_failed_alloc_and_extend_change_nothing():
     cache = KVCache(1, 4, 2, (1,), (1,))
     assert cache.task_alloc("a", [1, 2, 3, 4])

@@ -171,6 +171,10 @@ class InferenceEngine:
     def get_stats(self) -> dict[str, Any]:
         return {"model": self.model_name, **self.scheduler.get_stats()}
 
+    def reset_prefix_cache(self) -> None:
+        """Requests submitted from now on never reuse KV computed before (call after updating the weights)."""
+        self.scheduler.reset_prefix_cache()
+
     def is_alive(self) -> bool:
         return self.scheduler.is_alive()
 

@@ -90,6 +90,7 @@ class InferenceScheduler:
         self._outputs: dict[str, OutputStream] = {}  # loop only: each admitted-or-waiting task's event stream
         self._running = False
         self._loop_thread: threading.Thread | None = None
+        self._reset_prefix = threading.Event()  # set by reset_prefix_cache (any thread), applied by the loop
         self._stats = SchedulerStats()
         self._publish_stats()
 
@@ -161,6 +162,12 @@ class InferenceScheduler:
         elif self._loop_thread is not threading.current_thread():
             self._loop_thread.join(timeout)
 
+    def reset_prefix_cache(self) -> None:
+        """Tasks submitted after this call never reuse KV computed before it (the loop applies it at its next
+        step, before admitting anything). Call it after changing the model's weights, e.g. between RL steps."""
+        self._reset_prefix.set()
+        self._task_mgr.wake()
+
     def is_alive(self) -> bool:
         return self._loop_thread is not None and self._loop_thread.is_alive() and self._running
 
@@ -197,6 +204,9 @@ class InferenceScheduler:
             self._publish_stats()
 
     def _step(self) -> None:
+        if self._reset_prefix.is_set():
+            self._reset_prefix.clear()
+            self._page_cache.reset_prefix_cache()
         for task, output in self._task_mgr.drain_inbox():
             self._outputs[task.task_id] = output
         for task in self._task_mgr.get_active_tasks() + self._task_mgr.get_waiting_tasks():

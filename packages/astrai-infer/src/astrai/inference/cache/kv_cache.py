@@ -170,6 +170,10 @@ class KVCache:
         new = torch.tensor(list(new_lens), dtype=torch.int64, device=device)
         return self.bind(self.make_table_tensor(task_ids), total, new, max(totals, default=0))
 
+    def reset_prefix_cache(self) -> None:
+        """Never reuse KV computed so far for new tasks (call after the model's weights changed)."""
+        self._pool.reset_prefix_cache()
+
     def check_invariants(self) -> None:
         """Raise AssertionError unless pages are consistently free, cached or in use by the listed tasks."""
         self._pool.check_invariants()

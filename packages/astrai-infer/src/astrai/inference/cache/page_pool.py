@@ -94,6 +94,12 @@ class PagePool:
         pages.extend(self._alloc.alloc() for _ in range(missing))
         return True
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. after the weights changed): unreferenced cached pages become free;
+        pages in use stay with their tasks and are freed, not cached, when those end."""
+        for page in self._prefix.clear():
+            self._alloc.uncache(page)
+
     def check_invariants(self) -> None:
         """Raise AssertionError unless allocator states and the prefix index agree."""
         self._alloc.check_invariants()

@@ -120,6 +120,13 @@ class PrefixCache:
             stack.extend(child.children.values())
         return orphans
 
+    def clear(self) -> list[int]:
+        """Forget every indexed prefix; returns the pages that were indexed."""
+        pages = list(self._nodes)
+        self._root.children.clear()
+        self._nodes.clear()
+        return pages
+
     def check_invariants(self) -> None:
         """Raise AssertionError unless the tree and the page index describe the same nodes."""
         seen = 0
