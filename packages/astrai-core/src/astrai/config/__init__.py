@@ -1,6 +1,6 @@
 """Configuration dataclasses: model configs (saved as `config.json`) and the training run config."""
 
-from astrai.config.base import BaseConfig, BaseModelConfig, coerce, live_field
+from astrai.config.base import BaseConfig, BaseModelConfig, coerce, live_field, read_json_object
 from astrai.config.model_config import (
     ATTN_TYPES,
     FFN_TYPES,
@@ -29,4 +29,5 @@ __all__ = [
     "TrainConfig",
     "coerce",
     "live_field",
+    "read_json_object",
 ]

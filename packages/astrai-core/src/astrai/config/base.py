@@ -82,14 +82,7 @@ class BaseModelConfig(BaseConfig):
     @classmethod
     def from_file(cls, config_path: str | Path) -> Self:
         path = Path(config_path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ValueError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"config file {path} must hold a JSON object, got {type(raw).__name__}")
+        raw = read_json_object(path)
         try:
             return cls.from_dict(raw)
         except ValueError as exc:
@@ -99,6 +92,20 @@ class BaseModelConfig(BaseConfig):
         """Write the config as JSON, leaving out unset (None) fields but always writing `model_type`."""
         data = {k: v for k, v in self.to_dict().items() if v is not None or k == "model_type"}
         Path(config_path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in `path`; a missing file, bad JSON or a non-object raise `ValueError` naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 # --- coercion -------------------------------------------------------------------------------------------

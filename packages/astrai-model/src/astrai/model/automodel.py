@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from astrai.config import BaseModelConfig, ConfigFactory
+from astrai.config import BaseModelConfig, ConfigFactory, read_json_object
 from astrai.factory import BaseFactory
 from astrai.model import hf
 from astrai.model.weight_files import load_weight_files, save_weight_files, weights_source
@@ -55,7 +55,7 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
         strict: when False, tensors the model does not have are ignored; missing ones are always an error.
         """
         folder = Path(path)
-        raw = _read_config(folder)
+        raw = read_json_object(folder / "config.json")
         model_type = raw.get("model_type")
         if model_type is None or cls.is_registered(model_type):
             config = _with_path(folder, lambda: ConfigFactory.load(raw))
@@ -135,19 +135,6 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
         else:
             (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
         save_weight_files(tensors, folder, max_shard_bytes)
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    return raw
 
 
 def _with_path(folder: Path, build: Callable[[], BaseModelConfig]) -> BaseModelConfig:
