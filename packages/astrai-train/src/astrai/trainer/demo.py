@@ -32,12 +32,35 @@ from pathlib import Path
 from astrai.cli.main import main as cli_main
 
 # Two sizes: the default trains for a few minutes on 2 CPU cores; --quick is the CI smoke run (< 2 min).
+# `steps` (optimizer steps the run takes on the built-in corpus) sizes the cosine decay.
 SIZES = {
     "full": dict(
-        vocab=4096, docs=None, dim=192, n_layers=4, n_heads=6, dim_ffn=512, window=128, batch=16, epochs=4, lr=3e-3
+        vocab=4096,
+        docs=None,
+        dim=192,
+        n_layers=4,
+        n_heads=6,
+        n_kv_heads=2,
+        dim_ffn=512,
+        window=128,
+        batch=16,
+        epochs=4,
+        steps=220,
+        lr=3e-3,
     ),
     "quick": dict(
-        vocab=1024, docs=40, dim=64, n_layers=2, n_heads=4, dim_ffn=192, window=64, batch=16, epochs=2, lr=5e-3
+        vocab=1024,
+        docs=40,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        dim_ffn=192,
+        window=64,
+        batch=16,
+        epochs=2,
+        steps=46,
+        lr=5e-3,
     ),
 }
 PROMPT = "The for statement"
@@ -68,6 +91,7 @@ def _run_file(work: Path, size: dict) -> Path:
                 "dim": size["dim"],
                 "n_layers": size["n_layers"],
                 "n_heads": size["n_heads"],
+                "n_kv_heads": size["n_kv_heads"],
                 "dim_ffn": size["dim_ffn"],
                 "max_len": 512,
                 "tie_weight": True,
@@ -76,7 +100,7 @@ def _run_file(work: Path, size: dict) -> Path:
         "tokenizer": "tokenizer",
         "data": {"path": "data", "window_size": size["window"]},
         "optimizer": {"name": "adamw", "lr": size["lr"], "weight_decay": 0.1},
-        "schedule": {"type": "cosine", "warmup_steps": 10, "lr_decay_steps": 1000, "min_rate": 0.1},
+        "schedule": {"type": "cosine", "warmup_steps": 10, "lr_decay_steps": size["steps"], "min_rate": 0.1},
         "train": {
             "strategy": "seq",
             "n_epoch": size["epochs"],
