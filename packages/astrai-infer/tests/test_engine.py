@@ -393,3 +393,20 @@ def test_cuda_engine_matches_naive_recompute_on_the_device(model, tokenizer, nai
         assert engine.scheduler.page_cache.storage.device.type == "cuda"
         outputs = engine.generate(prompts, max_tokens=8, **GREEDY)
     assert outputs == [naive_greedy(p, 8, model=cuda_model) for p in prompts]
+
+
+def test_engine_packs_weights_for_its_life_and_can_skip_it(model, tokenizer, naive_greedy):
+    from astrai.model.linear import can_pack
+
+    packable = can_pack(model.lm_head.weight)
+    engine = InferenceEngine(model, tokenizer, max_seq_len=64)
+    assert model.lm_head._pack == packable and engine.scheduler.executor.packed_layers == (
+        sum(isinstance(m, torch.nn.Linear) for m in model.modules()) if packable else 0
+    )
+    prompt = [5, 17, 33, 2, 9, 41]
+    assert engine.generate(prompt, max_tokens=6, **GREEDY) == naive_greedy(prompt, 6)
+    engine.shutdown()
+    assert not model.lm_head._pack and model.lm_head._packed is None  # copies dropped with the engine
+    with InferenceEngine(model, tokenizer, max_seq_len=64, pack_weights=False) as plain:
+        assert plain.generate(prompt, max_tokens=6, **GREEDY) == naive_greedy(prompt, 6)
+        assert not model.lm_head._pack

@@ -180,7 +180,8 @@ def test_view_write_gather_round_trip_matches_contiguous_reference(config, devic
                 want_k, want_v = torch.cat(ref[task, layer][0]), torch.cat(ref[task, layer][1])
                 assert torch.equal(got_k[b, : lengths[b]].cpu(), want_k)
                 assert torch.equal(got_v[b, : lengths[b]].cpu(), want_v)
-                assert not got_k[b, lengths[b] :].any() and not got_v[b, lengths[b] :].any()
+                # Past a row's length: the scratch page (padding lands there), finite for attention's mask.
+                assert torch.isfinite(got_k[b, lengths[b] :]).all() and torch.isfinite(got_v[b, lengths[b] :]).all()
     cache.check_invariants()
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from astrai.model import GQA, MLP, AttnFactory, Embedding, FFNFactory, Linear, RMSNorm, RotaryEmbedding
-from astrai.model.linear import row_split_linear
+from astrai.model.linear import can_pack, pack_linear_weights, row_split_linear
 from astrai.model.sdpa import build_attention_mask, default_position_ids, sdpa
 
 
@@ -22,10 +24,10 @@ def test_linear_and_embedding_init():
     assert abs(embedding.weight.std().item() - 0.02) < 5e-4
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 40, 300])
 @pytest.mark.parametrize("out_dim", [96, 97])
-def test_linear_decode_path_matches_f_linear(rows, out_dim):
-    # In inference mode with few rows, Linear runs the row-split batched product (odd out_dim: one block).
+def test_linear_inference_kernels_match_float64(rows, out_dim):
+    # Packed: up to 4 rows the row-split batched product (odd out_dim: one block), above it oneDNN packed weights.
     torch.manual_seed(0)
     linear = Linear(64, out_dim, bias=True)
     with torch.no_grad():
@@ -33,11 +35,58 @@ def test_linear_decode_path_matches_f_linear(rows, out_dim):
     x = torch.randn(rows, 1, 64)
     expected = F.linear(x.double(), linear.weight.double(), linear.bias.double()).float()
     with torch.inference_mode():
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))  # not packed: F.linear itself
+    assert pack_linear_weights(linear) == (1 if can_pack(linear.weight) else 0)
+    with torch.inference_mode():
         fast = linear(x)
     assert fast.shape == (rows, 1, out_dim) and fast.is_contiguous()
-    torch.testing.assert_close(fast, expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(row_split_linear(x, linear.weight, linear.bias), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(linear(x), expected, atol=1e-6, rtol=0)  # outside inference mode: F.linear
+    torch.testing.assert_close(fast, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(row_split_linear(x, linear.weight, linear.bias), expected, atol=1e-5, rtol=0)
+    assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))  # outside inference mode: F.linear
+
+
+@pytest.mark.skipif(not can_pack(torch.ones(1, dtype=torch.bfloat16)), reason="no oneDNN bfloat16 here")
+def test_linear_packed_bfloat16_matches_f_linear():
+    torch.manual_seed(0)
+    linear = Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    pack_linear_weights(linear)
+    with torch.inference_mode():
+        fast = linear(x)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, F.linear(x, linear.weight), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.skipif(not can_pack(torch.ones(1)), reason="no oneDNN here")
+def test_linear_packed_copy_follows_weight_changes():
+    torch.manual_seed(0)
+    linear = Linear(32, 48)
+    x = torch.randn(8, 32)
+    pack_linear_weights(linear)
+
+    def check():
+        with torch.inference_mode():
+            got = linear(x)
+        torch.testing.assert_close(got, F.linear(x, linear.weight), atol=1e-5, rtol=0)
+
+    check()
+    torch.optim.SGD(linear.parameters(), lr=1.0).zero_grad()
+    linear(x).sum().backward()  # training forward outside inference mode: plain autograd
+    torch.optim.SGD(linear.parameters(), lr=1.0).step()  # in place: bumps the weight's version
+    check()
+    linear.load_state_dict({"weight": torch.randn(48, 32)})  # copy_ into the same tensor
+    check()
+    linear.weight = torch.nn.Parameter(torch.randn(48, 32))  # a new tensor
+    check()
+    assert linear._packed is not None
+    clone = copy.deepcopy(linear)  # copies never carry the packed copy; they re-pack on use
+    assert clone._pack and clone._packed is None
+    assert pack_linear_weights(linear, enable=False) == 0 and linear._packed is None
+    pack_linear_weights(clone)
+    clone.to(torch.float64)  # a dtype oneDNN cannot pack: the layer falls back to F.linear
+    with torch.inference_mode():
+        assert torch.equal(clone(x.double()), F.linear(x.double(), clone.weight))
+    assert not clone._pack
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

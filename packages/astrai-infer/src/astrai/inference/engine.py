@@ -35,6 +35,8 @@ class InferenceEngine:
 
     `device` / `dtype` (a torch dtype or its name, e.g. "bfloat16") move and cast `model` itself, in place; the
     KV cache follows the model's dtype. `max_prefill_tokens` bounds the prompt tokens computed per step.
+    `pack_weights` (CPU): multiply through oneDNN-packed copies of the weights, 1.2-3x faster projections for
+    one more copy of the weights in memory (`astrai.model.pack_linear_weights`); dropped at `shutdown()`.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class InferenceEngine:
         dtype: torch.dtype | str | None = None,
         max_prefill_tokens: int = 512,
         model_name: str = "astrai",
+        pack_weights: bool = True,
     ):
         dtype = _resolve_dtype(dtype)
         if device is not None or dtype is not None:
@@ -70,6 +73,7 @@ class InferenceEngine:
             max_prefill_tokens=max_prefill_tokens,
             device=device,
             dtype=dtype,
+            pack_weights=pack_weights,
         )
         self.max_seq_len = self.scheduler.max_seq_len
         self.scheduler.start()

@@ -22,16 +22,31 @@ from torch import nn
 from astrai.inference.cache import KVCache
 from astrai.inference.sampling import GREEDY_TEMPERATURE, SamplingPipeline
 from astrai.inference.task import Task
+from astrai.model import pack_linear_weights
 
 
 class Executor:
     """Runs `model` on batches of tasks over `page_cache`; stateless between steps."""
 
-    def __init__(self, model: nn.Module, tokenizer, page_cache: KVCache, device: torch.device | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        page_cache: KVCache,
+        device: torch.device | None = None,
+        pack_weights: bool = False,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.page_cache = page_cache
         self.device = device if device is not None else next(model.parameters()).device
+        self.packed_layers = pack_linear_weights(model) if pack_weights else 0  # CPU only; see astrai.model.linear
+
+    def close(self) -> None:
+        """Drop the packed weight copies (if any)."""
+        if self.packed_layers:
+            pack_linear_weights(self.model, enable=False)
+            self.packed_layers = 0
 
     def execute_prefill(self, tasks: Sequence[Task], num_tokens: Sequence[int]) -> torch.Tensor:
         """Feed `num_tokens[b]` tokens of each task's sequence from `task.next_pos`; (B, V) last-token logits."""
@@ -44,11 +59,10 @@ class Executor:
 
     def sample(self, tasks: Sequence[Task], logits: torch.Tensor) -> list[int]:
         """One token per task from its logits row (B, V), with that task's sampling parameters and seed."""
-        pipeline = SamplingPipeline.for_tasks(tasks, logits.device)
-        if all(t.temperature <= GREEDY_TEMPERATURE for t in tasks):
-            tokens = pipeline.apply(logits.float()).argmax(dim=-1)  # no draw needed: every row is greedy
+        if all(t.temperature <= GREEDY_TEMPERATURE for t in tasks):  # no draw needed: every row is greedy
+            tokens = SamplingPipeline.for_tasks(tasks, logits.device, greedy=True).apply(logits.float()).argmax(-1)
         else:
-            tokens = pipeline.sample(logits)
+            tokens = SamplingPipeline.for_tasks(tasks, logits.device).sample(logits)
         return tokens.tolist()
 
     def _forward(self, tasks: Sequence[Task], chunks: list[list[int]]) -> torch.Tensor:

@@ -184,10 +184,14 @@ class SamplingPipeline(BaseSamplingStrategy):
         return probs.div_(noise.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
 
     @classmethod
-    def for_tasks(cls, tasks: Sequence[Task], device: torch.device | str | None = None) -> SamplingPipeline:
+    def for_tasks(
+        cls, tasks: Sequence[Task], device: torch.device | str | None = None, greedy: bool = False
+    ) -> SamplingPipeline:
         """The pipeline for a batch of tasks (row b = `tasks[b]`), holding only the stages some row needs.
 
-        Seeded tasks get their `torch.Generator` on `device` the first time they are sampled.
+        Seeded tasks get their `torch.Generator` on `device` the first time they are sampled. `greedy=True`
+        (every row at temperature 0, to be followed by an argmax) keeps only the stages that can change the
+        argmax, logit bias and penalties: temperature, top-k and top-p never move a row's top token.
         """
         strategies: list[BaseSamplingStrategy] = []
         if any(t.logit_bias for t in tasks):
@@ -203,6 +207,8 @@ class SamplingPipeline(BaseSamplingStrategy):
                     repetition=_tensor([t.repetition_penalty for t in tasks], device),
                 )
             )
+        if greedy:
+            return cls(strategies)
         if any(t.temperature != 1.0 for t in tasks):
             strategies.append(TemperatureStrategy(_tensor([t.temperature for t in tasks], device)))
         if any(t.top_k > 0 for t in tasks):

@@ -38,6 +38,7 @@ from torch import nn
 
 from astrai.inference.cache import KVCache
 from astrai.inference.executor import Executor
+from astrai.inference.openmp import release_thread_pool
 from astrai.inference.stats import SchedulerStats
 from astrai.inference.stream import GenerationEvent, OutputStream
 from astrai.inference.task import Task, TaskStatus
@@ -69,6 +70,7 @@ class InferenceScheduler:
         max_prefill_tokens: int = 512,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        pack_weights: bool = True,
     ):
         config = model.config
         self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
@@ -85,7 +87,7 @@ class InferenceScheduler:
         param = next(model.parameters())
         device = torch.device(device) if device is not None else param.device
         self._page_cache = KVCache.from_config(config, num_pages, self.page_size, dtype or param.dtype, device)
-        self._executor = Executor(model, tokenizer, self._page_cache, device)
+        self._executor = Executor(model, tokenizer, self._page_cache, device, pack_weights)
         self._task_mgr = TaskManager(max_queue)
         self._outputs: dict[str, OutputStream] = {}  # loop only: each admitted-or-waiting task's event stream
         self._running = False
@@ -141,7 +143,10 @@ class InferenceScheduler:
             **sampling,
         )  # validates every parameter
         task.max_tokens = room if max_tokens is None else min(max_tokens, room)
-        return self._task_mgr.add_task(task, OutputStream(task, self._executor.tokenizer, stop))
+        task_id = self._task_mgr.add_task(task, OutputStream(task, self._executor.tokenizer, stop))
+        if threading.current_thread() is not self._loop_thread:
+            release_thread_pool()  # the caller now waits for the loop: its idle workers would crowd the loop's
+        return task_id
 
     def remove_task(self, task_id: str) -> bool:
         """Cancel a task: the loop ends it at its next step ("cancelled") and frees its pages."""
@@ -159,6 +164,7 @@ class InferenceScheduler:
         self._task_mgr.close()
         if self._loop_thread is None:
             self._end_all("cancelled")  # never started: no loop to do it, and none will touch the queues
+            self._executor.close()
         elif self._loop_thread is not threading.current_thread():
             self._loop_thread.join(timeout)
 
@@ -184,7 +190,7 @@ class InferenceScheduler:
         reason = "cancelled"
         try:
             while True:
-                self._task_mgr.wait_for_work()
+                self._task_mgr.wait_for_work(on_idle=release_thread_pool)  # see astrai.inference.openmp
                 if self._task_mgr.closed:
                     break
                 try:
@@ -201,6 +207,7 @@ class InferenceScheduler:
             self._running = False
             self._task_mgr.close()
             self._end_all(reason)
+            self._executor.close()
             self._publish_stats()
 
     def _step(self) -> None:

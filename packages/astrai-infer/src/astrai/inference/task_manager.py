@@ -19,6 +19,7 @@ import itertools
 import threading
 import uuid
 from collections import deque
+from collections.abc import Callable
 
 from astrai.inference.stream import OutputStream
 from astrai.inference.task import Task
@@ -103,12 +104,20 @@ class TaskManager:
 
     # ---- loop thread ------------------------------------------------------------------------------------
 
-    def wait_for_work(self) -> None:
-        """Sleep until there is something to do: a new task, a cancellation, a stop, or queued work."""
+    def wait_for_work(self, on_idle: Callable[[], object] | None = None) -> None:
+        """Sleep until there is something to do: a new task, a cancellation, a stop, or queued work.
+        `on_idle` runs once before sleeping, if the loop has to sleep at all."""
         with self._cond:
-            while not (self._inbox or self._wake or self._closed or self.active_tasks or self.waiting_queue):
+            idle = not self._has_work()
+        if idle and on_idle is not None:
+            on_idle()  # outside the lock: submitters never wait for it
+        with self._cond:
+            while not self._has_work():
                 self._cond.wait()
             self._wake = False
+
+    def _has_work(self) -> bool:  # under _cond
+        return bool(self._inbox or self._wake or self._closed or self.active_tasks or self.waiting_queue)
 
     def drain_inbox(self) -> list[tuple[Task, OutputStream]]:
         """Move newly submitted tasks to the tail of the waiting queue; returns them with their streams."""

@@ -6,7 +6,7 @@ from astrai.model.decoder_block import DecoderBlock
 from astrai.model.embedding import Embedding
 from astrai.model.encoder import EmbeddingEncoder
 from astrai.model.factories import AttnFactory, FFNFactory
-from astrai.model.linear import Linear
+from astrai.model.linear import Linear, pack_linear_weights
 from astrai.model.mla import MLA
 from astrai.model.mlp import MLP
 from astrai.model.moe import DeepSeekMoE
@@ -37,6 +37,7 @@ __all__ = [
     "EmbeddingEncoder",
     "FFNFactory",
     "Linear",
+    "pack_linear_weights",
     "PerplexityResult",
     "RMSNorm",
     "RotaryEmbedding",

@@ -49,8 +49,8 @@ class Storage:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
         for name, shape in (("k_shape", k_shape), ("v_shape", v_shape)):
-            if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-                raise ValueError(f"{name}={shape!r}: must be a non-empty tuple of positive integers")
+            if len(shape) not in (1, 2) or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+                raise ValueError(f"{name}={shape!r}: must be (dim,) or (heads, dim) of positive integers")
         self.num_layers = num_layers
         self.num_pages = num_pages
         self.page_size = page_size
@@ -95,9 +95,10 @@ class Storage:
     def read_index(
         self, page_table: torch.Tensor, total_len: torch.Tensor | int, width: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat slots and validity, (B, S) each, for positions `0..total_len[b]-1` of every row.
+        """Row indices into the flat k and v caches for positions `0..total_len[b]-1` of every row, S wide.
 
-        S is `width` when the caller knows max(total_len) (saves a device sync), else computed.
+        S is `width` when the caller knows max(total_len) (saves a device sync), else computed. Positions past
+        a row's length read the scratch page. The indices serve every layer (`read_slots`).
         """
         batch = page_table.shape[0]
         device = page_table.device
@@ -105,8 +106,8 @@ class Storage:
         if width is None:
             width = int(lens.max()) if batch else 0
         positions = torch.arange(width, device=device).expand(batch, width)  # (B, S)
-        valid = positions < lens[:, None]
-        return self._slots(page_table, positions, valid), valid
+        slots = self._slots(page_table, positions, positions < lens[:, None])
+        return _entry_rows(slots, self.k_shape), _entry_rows(slots, self.v_shape)
 
     def write_slots(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store `k` (B, T, *k_shape) and `v` (B, T, *v_shape) at flat `slots` (B, T) of `layer_id`."""
@@ -115,17 +116,19 @@ class Storage:
         flat_k[slots] = k
         flat_v[slots] = v
 
-    def read_slots(self, layer_id: int, slots: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Entries at flat `slots` (B, S) of `layer_id`, zero where `valid` (B, S) is False."""
-        # index_select, then an in-place multiply by the 0/1 mask: several times faster on CPU than advanced
-        # indexing + torch.where (a broadcast bool select), and exact: slots only ever hold finite K/V entries.
-        flat = slots.reshape(-1)
-        k = self.k_cache[layer_id].view(-1, *self.k_shape).index_select(0, flat).view(*slots.shape, *self.k_shape)
-        v = self.v_cache[layer_id].view(-1, *self.v_shape).index_select(0, flat).view(*slots.shape, *self.v_shape)
-        keep = valid.to(k.dtype)
-        k.mul_(keep.view(*valid.shape, *([1] * len(self.k_shape))))  # (B, S, *k_shape)
-        v.mul_(keep.view(*valid.shape, *([1] * len(self.v_shape))))
-        return k, v
+    def read_slots(
+        self, layer_id: int, k_rows: torch.Tensor, v_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries of `layer_id` at the indices `read_index` gave, (B, S, *k_shape) and (B, S, *v_shape).
+
+        Entries past a row's length are unspecified finite numbers (attention masks them; zeroing them cost
+        as much as the copy itself). Per-head entries come out as a (B, S, heads, dim) view of head-major
+        memory, so attention's `transpose(1, 2)` to (B, heads, S, dim) is contiguous and copy-free.
+        """
+        return (
+            _read_entries(self.k_cache[layer_id], k_rows, self.k_shape),
+            _read_entries(self.v_cache[layer_id], v_rows, self.v_shape),
+        )
 
     def write(
         self,
@@ -142,7 +145,7 @@ class Storage:
     def gather(
         self, layer_id: int, page_table: torch.Tensor, total_len: torch.Tensor | int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions `0..total_len[b]-1` of every row, (B, S, ...) with S = max(total_len), zero-padded."""
+        """Positions `0..total_len[b]-1` of every row, (B, S, ...) with S = max(total_len), right-padded."""
         return self.read_slots(layer_id, *self.read_index(page_table, total_len))
 
     def _slots(self, page_table: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -153,3 +156,18 @@ class Storage:
         physical = page_table.gather(1, logical)  # (B, T)
         slots = physical * ps + positions % ps
         return torch.where(valid & (physical >= 0), slots, self.scratch_slot)
+
+
+def _entry_rows(slots: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Rows of the cache viewed as (slots * heads, dim) to read for slots (B, S): (B, S) for one-dimensional
+    entries, (B, heads, S) slot-major per head for (heads, dim) entries."""
+    if len(shape) == 1:
+        return slots
+    heads = shape[0]
+    return slots[:, None, :] * heads + torch.arange(heads, device=slots.device)[None, :, None]
+
+
+def _read_entries(cache: torch.Tensor, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, S, *shape) entries of one layer's cache (pages, page_size, *shape) at `_entry_rows` indices."""
+    picked = cache.view(-1, shape[-1]).index_select(0, rows.reshape(-1)).view(*rows.shape, shape[-1])
+    return picked if len(shape) == 1 else picked.transpose(1, 2)  # (B, heads, S, dim) -> (B, S, heads, dim)

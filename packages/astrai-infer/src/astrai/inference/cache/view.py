@@ -3,7 +3,7 @@
 The batch is ragged. Row b already has `total_len[b] - new_lens[b]` cached positions and brings `new_lens[b]`
 new entries this step, right-padded to the step's width T. `write(layer_id, k, v)` stores row b's first
 `new_lens[b]` entries at positions `total_len[b] - new_lens[b] ...` of that row's own pages; `gather(layer_id)`
-returns positions `0 .. total_len[b] - 1` of every row, right-padded with zeros to `S = max(total_len)`.
+returns positions `0 .. total_len[b] - 1` of every row, right-padded to `S = max(total_len)`.
 
 Slot indices depend only on the page tables and lengths, not on the layer, so they are computed once per
 step (on the first `write`, when T is known, and at construction for `gather`) and reused by every layer.
@@ -34,7 +34,7 @@ class KvcacheView:
         self._total_len = total_len
         self._new_lens = new_lens
         self._start = total_len - new_lens  # (B,) first position written this step
-        self._read_slots, self._read_valid = storage.read_index(page_table, total_len, max_len)  # (B, S) each
+        self._read_rows = storage.read_index(page_table, total_len, max_len)  # k and v row indices
         self._write_slots: torch.Tensor | None = None  # (B, T), set by the first write
 
     @property
@@ -55,5 +55,6 @@ class KvcacheView:
         self._storage.write_slots(layer_id, self._write_slots, k, v)
 
     def gather(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's entries so far, (B, S, *k_shape) and (B, S, *v_shape), zero past `seq_lens`."""
-        return self._storage.read_slots(layer_id, self._read_slots, self._read_valid)
+        """Every row's entries so far, (B, S, *k_shape) and (B, S, *v_shape); past `seq_lens` unspecified
+        (finite; attention masks it)."""
+        return self._storage.read_slots(layer_id, *self._read_rows)
