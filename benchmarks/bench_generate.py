@@ -9,10 +9,13 @@ its requested number of tokens):
 - 16 concurrent same-length requests (aggregate tok/s), ours vs one HF batched `generate`;
 - a mixed workload of 64 requests (prompts 16-512, outputs 16-256 tokens, fixed seed), ours (continuous
   batching, 16 at a time) vs HF static batching (batches of 16 in arrival order, left-padded to the longest
-  prompt, generating until the batch's longest output is done). Throughput counts requested tokens only.
+  prompt, generating until the batch's longest output is done). Throughput counts requested tokens only;
+- time to first token (ms, lower is better) of a 528-token prompt: cold, ours vs HF, and with its first 512
+  tokens already in our prefix cache (another request shared them), against our own cold figure.
 
 The limit column is the machine's bound for the same work: batch 1 `BW / W`; batched runs
-`tokens / max(weight and KV reads / BW, 2 * N * tokens / FLOPS)` with FLOPS measured by a large matmul.
+`tokens / max(weight and KV reads / BW, 2 * N * tokens / FLOPS)` with FLOPS measured by a large matmul;
+time to first token `2 * N * uncached prompt tokens / FLOPS`.
 
     python benchmarks/bench_generate.py [--quick] [--dtypes fp32,bf16]      # or: astrai bench generate
 """
@@ -24,6 +27,7 @@ import json
 import random
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -163,6 +167,32 @@ def _run_dtype(folder: Path, name: str, sizes: dict[str, int], bw: float) -> lis
         )
         limit = _mixed_limit(prompts, outputs, n_read, weight_bytes, kv_tok, bw, flops)
         rows.append(_row(f"mixed {m} requests, {name}", ours, peer, limit, "bandwidth/compute bound"))
+
+        # Time to first token of a 528-token prompt, cold and with its first 512 tokens in the prefix cache.
+        # Every repeat draws a new prefix, so "cold" never hits what an earlier repeat cached.
+        cold, warm, hf_cold = [], [], []
+        for _ in range(reps):
+            prefix = [rng.randrange(3, VOCAB) for _ in range(512)]
+            first, second = ([rng.randrange(3, VOCAB) for _ in range(16)] for _ in range(2))
+            cold.append(_timed(partial(_ours, engine, [prefix + first], [1])))
+            warm.append(_timed(partial(_ours, engine, [prefix + second], [1])))
+            hf_cold.append(_timed(partial(_hf_generate, hf, [prefix + first], 1)))
+        floor = 2 * n_read / flops * 1e3  # ms of compute per prompt token
+        rows.append(
+            dict(
+                metric=f"TTFT 528-token prompt, {name}",
+                unit="ms",
+                ours=1e3 * min(cold),
+                peer=1e3 * min(hf_cold),
+                peer_name="HF generate",
+                limit=528 * floor,
+                limit_name="compute bound",
+            )
+        )
+        rows.append(
+            dict(metric=f"TTFT, 512 of it cached, {name}", unit="ms", ours=1e3 * min(warm), peer=1e3 * min(cold),
+                 peer_name="ours cold", limit=16 * floor, limit_name="compute bound")
+        )  # fmt: skip
     finally:
         engine.shutdown()
     return rows
@@ -210,11 +240,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _write_checkpoint(Path(tmp))
         for name in names:
             rows += _run_dtype(Path(tmp), name, sizes, bw)
-    print(f"{'figure':<28}{'ours':>10}{'HF':>10}{'ratio':>8}{'limit':>10}{'of limit':>10}")
+    print(f"{'figure':<34}{'unit':>6}{'ours':>10}{'peer':>10}{'ratio':>8}{'limit':>10}{'of limit':>10}  peer")
     for r in rows:
         print(
-            f"{r['metric']:<28}{r['ours']:>10.1f}{r['peer']:>10.1f}{r['ours'] / r['peer']:>7.2f}x"
-            f"{r['limit']:>10.1f}{100 * r['ours'] / r['limit']:>9.0f}%"
+            f"{r['metric']:<34}{r['unit']:>6}{r['ours']:>10.1f}{r['peer']:>10.1f}{r['ours'] / r['peer']:>7.2f}x"
+            f"{r['limit']:>10.1f}{100 * r['ours'] / r['limit']:>9.0f}%  {r['peer_name']}"
         )
     return rows
 

@@ -67,6 +67,9 @@ def test_linear_packed_copy_follows_weight_changes():
     def check():
         with torch.inference_mode():
             got = linear(x)
+            copy_made = linear._packed[3]
+            linear(x)
+            assert linear._packed[3] is copy_made  # an unchanged weight is packed once
         torch.testing.assert_close(got, F.linear(x, linear.weight), atol=1e-5, rtol=0)
 
     check()

@@ -27,6 +27,16 @@ def test_outputs_and_shapes(model, tokens):
         model(ids[0])
 
 
+def test_logits_index_runs_the_head_at_one_position_per_row(model, tokens):
+    ids = tokens(3, 7)
+    index = torch.tensor([6, 0, 3])
+    with torch.no_grad():
+        full = model(ids)
+        picked = model(ids, logits_index=index)
+    assert picked["logits"].shape == (3, 1, 97) and torch.equal(picked["hidden_states"], full["hidden_states"])
+    torch.testing.assert_close(picked["logits"][:, 0], full["logits"][torch.arange(3), index], atol=TOL, rtol=0)
+
+
 def test_causal(model, tokens):
     ids = tokens(1, 10)
     changed = ids.clone()

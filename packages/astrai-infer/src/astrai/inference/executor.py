@@ -8,8 +8,8 @@ chunk, or `n_b = 1` for a decode). The batch is right-padded to `T = max(n_b)`:
     position_ids (B, T)  next_pos_b + t; padding repeats the row's last position (never used, always valid)
 
 The KV view is bound with each row's start and length, so row b's new entries land at positions
-`next_pos_b ..` of its own pages (padding goes to the cache's scratch page). Only the logits at each row's last
-real token are returned: that is where the next token of a finished prefill or of a decode comes from.
+`next_pos_b ..` of its own pages (padding goes to the cache's scratch page). The LM head runs only at each row's
+last real token (`logits_index`): that is where the next token of a finished prefill or of a decode comes from.
 """
 
 from __future__ import annotations
@@ -86,6 +86,6 @@ class Executor:
                 input_mask=mask.to(self.device),
                 paged_cache=view,
                 position_ids=positions.to(self.device),
+                logits_index=(new_lens - 1).to(self.device),
             )
-            last = (new_lens - 1).to(self.device)
-            return out["logits"][torch.arange(len(chunks), device=self.device), last]  # (B, V)
+            return out["logits"][:, 0]  # (B, V)

@@ -58,13 +58,19 @@ class Linear(nn.Linear):
         """The packed copy of the current weight, re-made when the weight changed; None (and the kernels off)
         when the weight moved to a device or dtype that cannot be packed."""
         weight = self.weight
-        key = (weight, weight._version, weight.data_ptr())
-        if self._packed is None or self._packed[0] is not weight or self._packed[1:] != key[1:]:
+        packed = self._packed
+        if packed is None or packed[0] is not weight or packed[1] != weight._version or packed[2] != weight.data_ptr():
             if not can_pack(weight):
                 self._pack, self._packed = False, None
                 return None
-            self._packed = (*key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
-        return self._packed[3]
+            packed = (
+                weight,
+                weight._version,
+                weight.data_ptr(),
+                torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None),
+            )
+            self._packed = packed
+        return packed[3]
 
     def __getstate__(self) -> dict:
         # Copies and pickles never carry the packed copy (an opaque oneDNN tensor); they re-pack on use.

@@ -49,9 +49,12 @@ class AutoRegressiveLM(AutoModel, share_registry=True):
         input_mask: Tensor | None = None,
         paged_cache: KVCacheView | None = None,
         position_ids: Tensor | None = None,
+        logits_index: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """input_ids (B, T); input_mask (B, T) 1 = token, 0 = padding (left or right; with a cache, right);
-        paged_cache: this step's KV-cache view; position_ids (B, T) absolute positions (derived when None)."""
+        paged_cache: this step's KV-cache view; position_ids (B, T) absolute positions (derived when None);
+        logits_index (B,): the one position per row whose logits are wanted (an inference engine samples
+        from each row's last token), so the LM head runs on B rows, not B * T; logits are then (B, 1, V)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         kv_lens = paged_cache.seq_lens if paged_cache is not None else None
@@ -64,7 +67,10 @@ class AutoRegressiveLM(AutoModel, share_registry=True):
         for layer in self.layers:
             h = layer(h, rotary_emb, mask, paged_cache)
         h = self.norm(h)
-        return {"logits": self.lm_head(h), "hidden_states": h}
+        if logits_index is None:
+            return {"logits": self.lm_head(h), "hidden_states": h}
+        picked = h[torch.arange(h.shape[0], device=h.device), logits_index]  # (B, dim)
+        return {"logits": self.lm_head(picked).unsqueeze(1), "hidden_states": h}
 
     @property
     def aux_loss(self) -> Tensor:
