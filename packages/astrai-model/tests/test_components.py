@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from astrai.model import GQA, MLP, AttnFactory, Embedding, FFNFactory, Linear, RMSNorm, RotaryEmbedding
-from astrai.model.linear import can_pack, pack_linear_weights, row_split_linear
+from astrai.model.linear import can_pack, fused_linear, pack_linear_weights, row_split_linear
 from astrai.model.sdpa import build_attention_mask, default_position_ids, sdpa
 
 
@@ -90,6 +90,33 @@ def test_linear_packed_copy_follows_weight_changes():
     with torch.inference_mode():
         assert torch.equal(clone(x.double()), F.linear(x.double(), clone.weight))
     assert not clone._pack
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linear_equals_the_separate_layers(bias):
+    torch.manual_seed(0)
+    layers = (Linear(32, 48, bias=bias), Linear(32, 16, bias=bias), Linear(32, 16, bias=bias))
+    with torch.no_grad():
+        for layer in layers:
+            if bias:
+                layer.bias.normal_()
+    x = torch.randn(3, 5, 32)  # 15 rows: past the split product
+    expected = [F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+                for layer in layers]  # fmt: skip
+    for layer in layers:
+        pack_linear_weights(layer)
+    with torch.inference_mode():
+        outs = fused_linear(x, layers)
+    assert [tuple(o.shape) for o in outs] == [(3, 5, 48), (3, 5, 16), (3, 5, 16)]
+    for got, want in zip(outs, expected):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    assert (layers[0]._group_packed is not None) == can_pack(layers[0].weight)
+    with torch.no_grad():
+        layers[2].weight.mul_(-1)  # any member changing re-packs the group
+    with torch.inference_mode():
+        got = fused_linear(x, layers)[2]
+    torch.testing.assert_close(got, F.linear(x, layers[2].weight, layers[2].bias), atol=1e-5, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(fused_linear(x, layers), [layer(x) for layer in layers]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from astrai.config import AutoRegressiveLMConfig, EncoderConfig
 from astrai.model.factories import AttnFactory
-from astrai.model.linear import Linear
+from astrai.model.linear import Linear, fused_linear
 from astrai.model.norm import RMSNorm
 from astrai.model.rope import apply_rotary_emb
 from astrai.model.sdpa import sdpa
@@ -55,9 +55,10 @@ class GQA(nn.Module):
     ) -> Tensor:
         """x (B, T, dim) -> (B, T, dim). See `astrai.model.sdpa` for the mask, `rope` for `rotary_emb`."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rotary_emb

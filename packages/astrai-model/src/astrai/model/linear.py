@@ -35,6 +35,7 @@ class Linear(nn.Linear):
         super().__init__(in_dim, out_dim, bias=bias)
         self._pack = False  # set by pack_linear_weights
         self._packed: tuple[Tensor, int, int, Tensor] | None = None  # (weight, _version, data_ptr, copy)
+        self._group_packed: tuple | None = None  # fused_linear's copy for a group this layer leads
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=INIT_STD)
@@ -74,7 +75,7 @@ class Linear(nn.Linear):
 
     def __getstate__(self) -> dict:
         # Copies and pickles never carry the packed copy (an opaque oneDNN tensor); they re-pack on use.
-        return {**self.__dict__, "_packed": None}
+        return {**self.__dict__, "_packed": None, "_group_packed": None}
 
 
 def row_split_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -111,6 +112,38 @@ def pack_linear_weights(model: nn.Module, enable: bool = True) -> int:
         if isinstance(module, Linear):
             module._pack = enable and can_pack(module.weight)
             if not module._pack:
-                module._packed = None
+                module._packed = module._group_packed = None
             count += module._pack
     return count
+
+
+def fused_linear(x: Tensor, layers: tuple[Linear, ...]) -> tuple[Tensor, ...]:
+    """`tuple(layer(x) for layer in layers)` for layers reading the same input (q/k/v, gate/up).
+
+    With the packed kernels on (and more rows than the split product takes) the layers run as one oneDNN
+    product over their concatenated weights, packed once and kept on the first layer (instead of one copy per
+    layer): one call instead of several, and a wider product; a 16-sequence decode step runs ~5% faster,
+    a bfloat16 batch-1 step ~6%. The outputs are then column slices of one (..., sum(out)) tensor.
+    """
+    first = layers[0]
+    if not (
+        torch.is_inference_mode_enabled()
+        and all(layer._pack and layer.weight.dtype == x.dtype for layer in layers)
+        and len({layer.bias is None for layer in layers}) == 1
+        and not (x.dtype == torch.float32 and x.numel() <= _SPLIT_ROWS * first.in_features)
+    ):
+        return tuple(layer(x) for layer in layers)
+    key = [(layer.weight, layer.weight._version, layer.weight.data_ptr()) for layer in layers]
+    group = first._group_packed
+    if (
+        group is None
+        or len(group[0]) != len(key)
+        or any(a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(group[0], key, strict=True))
+    ):
+        weight = torch.cat([layer.weight.detach() for layer in layers])
+        bias = None if first.bias is None else torch.cat([layer.bias.detach() for layer in layers])
+        group = (key, torch.ops.mkldnn._reorder_linear_weight(weight, None), bias)
+        first._group_packed = group
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, first.in_features), group[1], group[2], "none", [], "")
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return tuple(y.split([layer.out_features for layer in layers], dim=-1))

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from astrai.config import AutoRegressiveLMConfig, EncoderConfig
 from astrai.model.factories import FFNFactory
-from astrai.model.linear import Linear
+from astrai.model.linear import Linear, fused_linear
 
 
 @FFNFactory.register("mlp")
@@ -25,4 +25,5 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, dim) -> (B, T, dim)."""
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = fused_linear(x, (self.gate, self.up))
+        return self.down(F.silu(gate) * up)
