@@ -127,23 +127,37 @@ def fused_linear(x: Tensor, layers: tuple[Linear, ...]) -> tuple[Tensor, ...]:
     """
     first = layers[0]
     if not (
-        torch.is_inference_mode_enabled()
-        and all(layer._pack and layer.weight.dtype == x.dtype for layer in layers)
-        and len({layer.bias is None for layer in layers}) == 1
+        first._pack
+        and torch.is_inference_mode_enabled()
         and not (x.dtype == torch.float32 and x.numel() <= _SPLIT_ROWS * first.in_features)
     ):
         return tuple(layer(x) for layer in layers)
-    key = [(layer.weight, layer.weight._version, layer.weight.data_ptr()) for layer in layers]
+    weights = [layer.weight for layer in layers]
     group = first._group_packed
     if (
         group is None
-        or len(group[0]) != len(key)
-        or any(a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(group[0], key, strict=True))
+        or group[1].dtype != x.dtype
+        or any(w is not w0 or w._version != v or w.data_ptr() != p for w, (w0, v, p) in zip(weights, group[0]))
     ):
-        weight = torch.cat([layer.weight.detach() for layer in layers])
-        bias = None if first.bias is None else torch.cat([layer.bias.detach() for layer in layers])
-        group = (key, torch.ops.mkldnn._reorder_linear_weight(weight, None), bias)
-        first._group_packed = group
+        group = _pack_group(layers, weights, x.dtype)
+        if group is None:
+            return tuple(layer(x) for layer in layers)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, first.in_features), group[1], group[2], "none", [], "")
     y = y.view(*x.shape[:-1], y.shape[-1])
-    return tuple(y.split([layer.out_features for layer in layers], dim=-1))
+    return y.split(group[3], dim=-1)
+
+
+def _pack_group(layers: tuple[Linear, ...], weights: list[Tensor], dtype: torch.dtype) -> tuple | None:
+    """(weights' keys, packed concatenated weight, concatenated bias or None, output widths), stored on the
+    first layer; None (nothing stored) when the layers cannot share one product."""
+    biases = [layer.bias for layer in layers]
+    if (
+        not all(layer._pack and w.dtype == dtype for layer, w in zip(layers, weights, strict=True))
+        or len({b is None for b in biases}) != 1
+    ):
+        return None
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), None)
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    keys = [(w, w._version, w.data_ptr()) for w in weights]
+    layers[0]._group_packed = (keys, packed, bias, [w.shape[0] for w in weights])
+    return layers[0]._group_packed
