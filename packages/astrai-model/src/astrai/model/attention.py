@@ -61,8 +61,7 @@ class GQA(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rotary_emb
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = apply_rotary_emb(torch.cat((q, k), dim=2), *rotary_emb).split((self.n_heads, self.n_kv_heads), dim=2)
         if paged_cache is not None:
             paged_cache.write(self.layer_id, k, v)
             k, v = paged_cache.gather(self.layer_id)  # (B, S, Hkv, hd): every cached position of each row

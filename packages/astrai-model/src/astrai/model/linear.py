@@ -20,6 +20,8 @@ the 20M-parameter model of `benchmarks/bench_generate.py`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -81,16 +83,24 @@ class Linear(nn.Linear):
 def row_split_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)` for few rows of x (..., in) as one batched product over blocks of W's rows."""
     out_dim, in_dim = weight.shape
-    blocks = max(torch.get_num_threads(), 1)
-    while out_dim % blocks:
-        blocks -= 1
+    blocks = _blocks(out_dim, torch.get_num_threads())
     rows = x.reshape(-1, in_dim)  # (M, in)
-    w = weight.view(blocks, out_dim // blocks, in_dim)  # (k, out/k, in)
-    y = torch.bmm(w, rows.t().unsqueeze(0).expand(blocks, in_dim, rows.shape[0]))  # (k, out/k, M)
-    y = y.view(out_dim, rows.shape[0]).t()  # (M, out)
+    m = rows.shape[0]
+    # (k, out/k, in) @ (k, in, M) -> (k, out/k, M), whose memory is (out, M): W's row order.
+    y = torch.bmm(weight.view(blocks, out_dim // blocks, in_dim), rows.t().expand(blocks, in_dim, m))
+    y = y.view(1, out_dim) if m == 1 else y.view(out_dim, m).t().contiguous()  # (M, out)
     if bias is not None:
         y = y + bias
-    return y.contiguous().view(*x.shape[:-1], out_dim)
+    return y.view(*x.shape[:-1], out_dim)
+
+
+@functools.cache
+def _blocks(out_dim: int, threads: int) -> int:
+    """The most blocks, at most one per thread, that split `out_dim` rows evenly."""
+    blocks = max(threads, 1)
+    while out_dim % blocks:
+        blocks -= 1
+    return blocks
 
 
 def can_pack(weight: Tensor) -> bool:
