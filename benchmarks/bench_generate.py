@@ -57,7 +57,7 @@ def _sizes(quick: bool) -> dict[str, int]:
             b1_tokens=32, conc=16, conc_prompt=32, conc_tokens=32, mixed=16, mixed_prompt=128, mixed_out=64, repeats=3
         )
     return dict(
-        b1_tokens=128, conc=16, conc_prompt=64, conc_tokens=128, mixed=64, mixed_prompt=512, mixed_out=256, repeats=2
+        b1_tokens=128, conc=16, conc_prompt=64, conc_tokens=128, mixed=64, mixed_prompt=512, mixed_out=256, repeats=3
     )
 
 

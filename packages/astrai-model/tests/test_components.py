@@ -232,3 +232,18 @@ def test_sdpa_grouped_heads_and_masks():
     assert torch.allclose(
         sdpa(q, k, v, None, is_causal=False), naive_attention(q, full_k, full_v, everything), atol=1e-5
     )
+
+
+@pytest.mark.parametrize(("batch", "keys"), [(1, 65), (16, 100)])  # the float32 and the half-precision path
+def test_half_precision_decode_attention_matches_float64(batch, keys):
+    torch.manual_seed(0)
+    q = torch.randn(batch, 6, 1, 16)
+    k, v = torch.randn(batch, 2, keys, 16), torch.randn(batch, 2, keys, 16)
+    lens = torch.randint(1, keys + 1, (batch,))
+    mask = (torch.arange(keys)[None, :] < lens[:, None])[:, None, None, :]  # (B, 1, 1, S), ragged rows
+    expected = F.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(3, 1), v.double().repeat_interleave(3, 1), attn_mask=mask
+    )
+    got = sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, is_causal=True)
+    assert got.dtype == torch.bfloat16 and got.shape == (batch, 6, 1, 16)
+    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)

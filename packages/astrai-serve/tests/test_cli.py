@@ -10,7 +10,8 @@ def test_serve_is_an_astrai_command(capsys):
         main(["serve", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model", "--host", "--port", "--dtype", "--device", "--max-batch-size", "--api-key", "--max-queue"):
+    flags = ("--model", "--host", "--port", "--dtype", "--device", "--max-batch-size", "--api-key", "--max-queue")
+    for flag in (*flags, "--no-pack-weights"):
         assert flag in out
 
 
@@ -29,3 +30,4 @@ def test_api_key_defaults_to_the_environment(monkeypatch):
     configure(parser)
     args = parser.parse_args(["--model", "m"])
     assert (args.api_key, args.port, args.host, args.dtype) == ("from-env", 8000, "127.0.0.1", None)
+    assert args.pack_weights and not parser.parse_args(["--model", "m", "--no-pack-weights"]).pack_weights

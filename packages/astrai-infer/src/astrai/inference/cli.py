@@ -36,6 +36,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
     parser.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    parser.add_argument(
+        "--no-pack-weights",
+        dest="pack_weights",
+        action="store_false",
+        help="CPU: skip the packed weight copy (saves one weight's worth of memory, slower)",
+    )
     parser.set_defaults(run=_run)
 
 
@@ -61,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_batch_size=args.max_batch_size,
         max_queue=max(256, len(records)),  # batch mode queues every line at once
+        pack_weights=args.pack_weights,
     ) as engine:
         if args.prompt is not None:
             return _single(engine, args, params)
