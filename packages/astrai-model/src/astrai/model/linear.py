@@ -10,8 +10,8 @@ the 20M-parameter model of `benchmarks/bench_generate.py`.
   oneDNN instead of MKL: 1.2-1.5x faster projections at 1-512 rows, 3x faster LM heads at 1-16 rows, in
   float32 and bfloat16 (bit-identical to `F.linear` in bfloat16 here); a 16-sequence decode step 18 -> 11 ms.
   The copy costs one more weight's worth of memory. It is checked against the live weight on every call
-  (same tensor, same `_version`), so an optimizer step or `load_state_dict` re-packs it on the next
-  inference forward instead of serving stale weights.
+  (same tensor, `_version` and storage), so an optimizer step, `load_state_dict` or `.to()` re-packs it on
+  the next inference forward instead of serving stale weights.
 - Few float32 rows (at most `_SPLIT_ROWS`, a decode step of a few sequences): both libraries run a
   single-threaded matrix-vector product. Splitting W's output rows into one block per intra-op thread and
   multiplying them as one batch, `bmm((k, out/k, in), (k, in, M))`, keeps every core streaming weights:
