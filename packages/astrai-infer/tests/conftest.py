@@ -44,8 +44,9 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def model(tokenizer):
+    # Heads of 16 channels: decode attention runs in the paged attention kernel (astrai.inference.cache).
     config = AutoRegressiveLMConfig(
-        vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=64, max_len=128
+        vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=64, max_len=128
     )
     torch.manual_seed(0)
     return AutoRegressiveLM(config).eval()

@@ -13,6 +13,10 @@ For every layer the attention module:
 3. calls `gather(layer_id)` for every row's entries so far, `(B, S, ...)` with `S = max(seq_lens)`, rows
    right-padded; positions `>= seq_lens[b]` of row b are padding and must be masked out.
 
+A step of one token per row (a decode) may skip the gather: GQA first asks `attend(layer_id, q, scale)`, which
+returns the attention of each row's query over its positions `0 .. seq_lens[b] - 1` computed where the
+entries lie, or None when the view has no such path for this step (then the layer gathers as above).
+
 Key slot `j` of row `b` holds the token at absolute position `j`. Queries carry their absolute positions
 (`position_ids`, which the caller passes when it uses a cache), so query at position `p` attends to keys
 `j <= p` with `j < seq_lens[b]`.
@@ -36,4 +40,9 @@ class KVCacheView(Protocol):
 
     def gather(self, layer_id: int) -> tuple[Any, Any]:
         """Every row's cached entries for `layer_id`, (B, S, ...) each, right-padded."""
+        ...
+
+    def attend(self, layer_id: int, q: Any, scale: float) -> Any | None:
+        """q (B, H, d), each row's one query at its last position -> (B, H, d) attention over the row's cache
+        (query head h reads KV head h // (H // Hkv)), or None when this view cannot compute it in place."""
         ...

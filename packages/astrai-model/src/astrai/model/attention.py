@@ -62,11 +62,16 @@ class GQA(nn.Module):
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_emb(torch.cat((q, k), dim=2), *rotary_emb).split((self.n_heads, self.n_kv_heads), dim=2)
+        out = None
         if paged_cache is not None:
             paged_cache.write(self.layer_id, k, v)
-            k, v = paged_cache.gather(self.layer_id)  # (B, S, Hkv, hd): every cached position of each row
-        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, is_causal)  # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+            if T == 1:  # a decode step: the cache may attend in place, without gathering the history
+                out = paged_cache.attend(self.layer_id, q[:, 0], self.head_dim**-0.5)  # (B, H, hd) or None
+            if out is None:
+                k, v = paged_cache.gather(self.layer_id)  # (B, S, Hkv, hd): every cached position of each row
+        if out is None:
+            out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, is_causal).transpose(1, 2)
+        out = out.reshape(B, T, self.n_heads * self.head_dim)
         if self.use_gated_attention:
             out = out * torch.sigmoid(self.gate(x))
         return self.o_proj(out)

@@ -1,0 +1,262 @@
+/* Decode attention over the paged KV cache, read in place: one query token per row attends to that row's
+ * cached keys and values where they lie in the page tensors, with no gathered copy of the history.
+ *
+ * Built and loaded by paged_attention.py (which documents the layout and checks the arguments); the reference
+ * it is tested against is gather + softmax(q k^T * scale) v in torch.
+ *
+ * A work item is one row (or, with fewer rows than threads, a group of its KV heads). Position t of row b lies
+ * in cache slot page_table[b][t / page_size] * page_size + t % page_size, whose entry for KV head g is row
+ * slot * n_kv_heads + g of the (slots * n_kv_heads, dim) cache. Per item:
+ *   pass 1: scores[h][t] = scale * q[b, h] . k[t, h / n_rep]
+ *   softmax over t in float32 (max-subtracted)
+ *   pass 2: out[b, h] = sum_t probs[h][t] * v[t, h / n_rep]
+ * Every key and value row is read from memory once; items run in parallel on the OpenMP runtime torch
+ * itself uses (see paged_attention.py). SIMD through GCC/Clang vector extensions, 16 float32 lanes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+/* 16 floats as one SIMD value (GCC/Clang vector extensions: AVX-512 registers, or two AVX halves). */
+typedef float vf __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(64)));
+#define LANES 16
+
+static inline bf16 float_to_bf16(float f) {  /* round to nearest even, as torch */
+    union { uint32_t u; float f; } c = { .f = f };
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (bf16)((c.u >> 16) | 0x40u);  /* NaN stays NaN */
+    return (bf16)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+/* 16 elements at `src` (float32, or bfloat16 widened) as float32; unaligned loads. */
+static inline vf load16(const void *src, int is_bf16) {
+    vf out;
+    if (is_bf16) {
+        vh h;
+        memcpy(&h, src, sizeof h);
+        vu widened = __builtin_convertvector(h, vu) << 16;
+        memcpy(&out, &widened, sizeof out);
+    } else {
+        memcpy(&out, src, sizeof out);
+    }
+    return out;
+}
+
+static inline float sum16(vf v) {
+    vf a = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    vf b = a + __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    vf c = b + __builtin_shufflevector(b, b, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    return c[0] + c[1];
+}
+
+static inline vf max16(vf a, vf b) {
+    vi a_wins = a > b;
+    return (vf)(((vi)a & a_wins) | ((vi)b & ~a_wins));
+}
+
+static inline float reduce_max16(vf v) {
+    vf a = max16(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    vf b = max16(a, __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3));
+    vf c = max16(b, __builtin_shufflevector(b, b, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1));
+    return c[0] > c[1] ? c[0] : c[1];
+}
+
+/* e^x for x <= 0, 16 at a time (Cephes expf: Cody-Waite reduction, degree-6 polynomial; about 1 ulp).
+ * Below -87 it gives e^-87 (~1.6e-38) rather than 0, which cannot change a sum that contains e^0 = 1. */
+static inline vf exp16(vf x) {
+    x = max16(x, (vf){0} - 87.0f);
+    vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi); /* round(x / ln 2), as x <= 0 */
+    vf nf = __builtin_convertvector(n, vf);
+    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (vf)((n + 127) << 23);
+}
+
+static inline const void *element(const void *base, int64_t index, int is_bf16) {
+    return (const char *)base + index * (is_bf16 ? 2 : 4);
+}
+
+/* out[i] = sum of the lanes of v[i], for 16 vectors at once (a transposing tree: 3 operations per vector
+ * instead of a horizontal sum each). */
+static inline vf sum16x16(vf v[LANES]) {
+    vf w[8], x[4], y[2];
+    for (int j = 0; j < 8; j++)  /* lanes 0-7: 8 partial sums of vector 2j; 8-15: of vector 2j + 1 */
+        w[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                       30, 31);
+    for (int j = 0; j < 4; j++)  /* 4 partial sums each of vectors 4j .. 4j + 3 */
+        x[j] = __builtin_shufflevector(w[2 * j], w[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(w[2 * j], w[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                       31);
+    for (int j = 0; j < 2; j++)  /* 2 partial sums each of vectors 8j .. 8j + 7 */
+        y[j] = __builtin_shufflevector(x[2 * j], x[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(x[2 * j], x[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                       31);
+    return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+#define MAX_CHUNKS 16 /* head_dim <= 256 (checked by the caller) */
+#define MAX_HEADS 16  /* query heads handled in one pass over a row's entries; more go round again */
+
+/* Ask for rows rows[from .. to - 1] (`bytes` each, from `base`) ahead of use: the KV pages of a row lie
+ * anywhere in the cache, and hardware prefetchers stop at page boundaries. */
+static inline void prefetch_rows(const char *base, const int64_t *rows, int64_t from, int64_t to, int64_t row_bytes,
+                                 int64_t bytes) {
+    for (int64_t i = from; i < to; i++)
+        for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(base + rows[i] * row_bytes + offset);
+}
+
+/* Query heads h0 .. h1 - 1 of one row (q_row: the row's first head as a row of q) over its positions
+ * 0 .. len - 1, whose entries for KV head g are rows rows[t] + g of k and v (rows of dim elements). Query head
+ * h reads KV head h / n_rep. Tokens go in blocks of 16: a block's entries come from memory once (the next
+ * block's are prefetched meanwhile) and from L1 for every further query head. `scores` holds n_q rows of
+ * len rounded up to 16 floats. */
+static inline __attribute__((always_inline)) void attend_heads(
+    const void *q, const void *k, const void *v, void *out, const int64_t *rows, int64_t len, int64_t q_row,
+    int64_t h0, int64_t h1, int64_t n_rep, int64_t dim, float scale, int is_bf16, float *scores) {
+    int64_t n_q = h1 - h0, chunks = dim / LANES, stride = (len + LANES - 1) / LANES * LANES;
+    int64_t row_bytes = dim * (is_bf16 ? 2 : 4), first_kv = h0 / n_rep;
+    int64_t span = ((h1 - 1) / n_rep - first_kv + 1) * row_bytes; /* one token's rows of the KV heads read */
+    const char *k_first = (const char *)k + first_kv * row_bytes, *v_first = (const char *)v + first_kv * row_bytes;
+    vf acc[MAX_HEADS][MAX_CHUNKS];
+    for (int64_t t0 = 0; t0 < len; t0 += LANES) { /* pass 1: scores[h][t] = scale * q_h . k_t */
+        int64_t n = len - t0 < LANES ? len - t0 : LANES;
+        prefetch_rows(k_first, rows, t0 + LANES, t0 + 2 * LANES < len ? t0 + 2 * LANES : len, row_bytes, span);
+        for (int64_t h = 0; h < n_q; h++) {
+            vf query[MAX_CHUNKS], dots[LANES];
+            for (int64_t c = 0; c < chunks; c++)
+                query[c] = load16(element(q, (q_row + h0 + h) * dim + c * LANES, is_bf16), is_bf16) * scale;
+            for (int64_t i = 0; i < LANES; i++) {
+                dots[i] = (vf){0};
+                if (i < n) {
+                    const void *key = element(k, (rows[t0 + i] + (h0 + h) / n_rep) * dim, is_bf16);
+                    for (int64_t c = 0; c < chunks; c++)
+                        dots[i] += query[c] * load16(element(key, c * LANES, is_bf16), is_bf16);
+                }
+            }
+            vf block = sum16x16(dots);
+            memcpy(scores + h * stride + t0, &block, sizeof block);
+        }
+    }
+    float inv_sum[MAX_HEADS];
+    for (int64_t h = 0; h < n_q; h++) { /* softmax in float32 over the row padded to whole vectors */
+        float *s = scores + h * stride;
+        for (int64_t t = len; t < stride; t++) s[t] = -INFINITY;
+        vf max = (vf){0} - INFINITY, sum = {0}, chunk;
+        for (int64_t t = 0; t < stride; t += LANES) {
+            memcpy(&chunk, s + t, sizeof chunk);
+            max = max16(max, chunk);
+        }
+        float row_max = reduce_max16(max);
+        for (int64_t t = 0; t < stride; t += LANES) {
+            memcpy(&chunk, s + t, sizeof chunk);
+            chunk = exp16(chunk - row_max);
+            sum += chunk;
+            memcpy(s + t, &chunk, sizeof chunk);
+        }
+        inv_sum[h] = len > 0 ? 1.0f / sum16(sum) : 0.0f;
+        for (int64_t c = 0; c < chunks; c++) acc[h][c] = (vf){0};
+    }
+    for (int64_t t0 = 0; t0 < len; t0 += LANES) { /* pass 2: acc[h] += probs[h][t] * v_t */
+        int64_t n = len - t0 < LANES ? len - t0 : LANES;
+        prefetch_rows(v_first, rows, t0 + LANES, t0 + 2 * LANES < len ? t0 + 2 * LANES : len, row_bytes, span);
+        for (int64_t h = 0; h < n_q; h++) {
+            vf sums[MAX_CHUNKS];
+            for (int64_t c = 0; c < chunks; c++) sums[c] = acc[h][c];
+            for (int64_t i = 0; i < n; i++) {
+                const void *value = element(v, (rows[t0 + i] + (h0 + h) / n_rep) * dim, is_bf16);
+                float w = scores[h * stride + t0 + i];
+                for (int64_t c = 0; c < chunks; c++) sums[c] += w * load16(element(value, c * LANES, is_bf16), is_bf16);
+            }
+            for (int64_t c = 0; c < chunks; c++) acc[h][c] = sums[c];
+        }
+    }
+    for (int64_t h = 0; h < n_q; h++) {
+        for (int64_t c = 0; c < chunks; c++) {
+            vf o = acc[h][c] * inv_sum[h];
+            int64_t at = (q_row + h0 + h) * dim + c * LANES;
+            if (is_bf16) {
+                for (int lane = 0; lane < LANES; lane++) ((bf16 *)out)[at + lane] = float_to_bf16(o[lane]);
+            } else {
+                memcpy((float *)out + at, &o, sizeof o);
+            }
+        }
+    }
+}
+
+/* Row b, KV heads g0 .. g1 - 1; returns 0, or -1 when a page index lies outside the cache. `work` holds `len`
+ * row numbers, then the score rows. */
+static inline __attribute__((always_inline)) int attend(
+    const void *q, const void *k, const void *v, void *out, const int64_t *pages, int64_t len, int64_t q_row,
+    int64_t n_kv_heads, int64_t g0, int64_t g1, int64_t n_rep, int64_t dim, int64_t page_size, int64_t num_pages,
+    float scale, int is_bf16, int64_t *work) {
+    int64_t *rows = work;
+    float *scores = (float *)(work + len);
+    for (int64_t t0 = 0; t0 < len; t0 += page_size) {
+        int64_t page = pages[t0 / page_size], n = len - t0 < page_size ? len - t0 : page_size;
+        if (page < 0 || page >= num_pages) return -1;
+        for (int64_t i = 0; i < n; i++) rows[t0 + i] = (page * page_size + i) * n_kv_heads; /* KV head 0's row */
+    }
+    for (int64_t h = g0 * n_rep; h < g1 * n_rep; h += MAX_HEADS)
+        attend_heads(q, k, v, out, rows, len, q_row, h, h + MAX_HEADS < g1 * n_rep ? h + MAX_HEADS : g1 * n_rep,
+                     n_rep, dim, scale, is_bf16, scores);
+    return 0;
+}
+
+/* q, out: (batch, n_heads, dim) contiguous; k, v: one layer's cache, (num_pages, page_size, n_kv_heads, dim)
+ * contiguous; page_table: (batch, max_pages) int64; seq_lens: (batch,) int64, each <= max_pages * page_size;
+ * dim a multiple of 16, at most 256. Returns 0, -1 when a page index lies outside the cache, -2 when out of
+ * memory, -3 for an unsupported dim. */
+int paged_decode_attention(const void *q, const void *k, const void *v, void *out, const int64_t *page_table,
+                           const int64_t *seq_lens, int64_t batch, int64_t n_heads, int64_t n_kv_heads, int64_t dim,
+                           int64_t max_pages, int64_t page_size, int64_t num_pages, float scale, int is_bf16,
+                           int num_threads) {
+    if (dim % LANES != 0 || dim > LANES * MAX_CHUNKS) return -3;
+    /* A work item is one row's whole set of KV heads, split into head groups only when there are too few rows
+     * to keep every thread busy. */
+    int64_t n_rep = n_heads / n_kv_heads, longest = 0;
+    int64_t parts = batch >= 2 * num_threads ? 1 : (2 * num_threads + batch - 1) / batch;
+    parts = parts > n_kv_heads ? n_kv_heads : parts;
+    int64_t group = (n_kv_heads + parts - 1) / parts; /* KV heads per item */
+    parts = (n_kv_heads + group - 1) / group;
+    for (int64_t b = 0; b < batch; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
+    int status = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        int64_t *work = malloc((size_t)longest * sizeof(int64_t) /* row numbers, then MAX_HEADS score rows */
+                               + (size_t)(MAX_HEADS * ((longest + LANES - 1) / LANES * LANES + 1)) * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < batch * parts; item++) {
+            int64_t b = item / parts, g0 = item % parts * group, g1 = g0 + group < n_kv_heads ? g0 + group : n_kv_heads;
+            const int64_t *pages = page_table + b * max_pages;
+            int rc = -2;
+            if (work != NULL) {
+                /* The usual head sizes get loops of a known length (unrolled, registers for every chunk). */
+#define ATTEND(DIM) attend(q, k, v, out, pages, seq_lens[b], b * n_heads, n_kv_heads, g0, g1, n_rep, DIM, \
+                           page_size, num_pages, scale, is_bf16, work)
+                switch (dim) {
+                    case 64: rc = ATTEND(64); break;
+                    case 128: rc = ATTEND(128); break;
+                    default: rc = ATTEND(dim);
+                }
+#undef ATTEND
+            }
+            if (rc != 0) {
+#pragma omp atomic write
+                status = rc;
+            }
+        }
+        free(work);
+    }
+    return status;
+}

@@ -1,0 +1,163 @@
+"""The in-place paged decode attention kernel against a float64 gather + softmax reference, its guards, its
+build cache, and `KvcacheView.attend` (the engine's greedy-vs-naive test runs decode through it end to end)."""
+
+import platform
+import shutil
+
+import pytest
+import torch
+
+import astrai.inference.cache.paged_attention as pa
+from astrai.config import AutoRegressiveLMConfig
+from astrai.inference.cache import KVCache
+from astrai.model.sdpa import sdpa
+
+HAS_COMPILER = platform.system() == "Linux" and any(shutil.which(c) for c in ("cc", "gcc"))
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="the kernel is built with a C compiler on Linux")
+
+
+def _reference(q, k_cache, v_cache, page_table, seq_lens, scale):
+    """Float64: gather each row's positions through its page table, softmax(q k^T * scale) v per head."""
+    B, H, d = q.shape
+    page_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    flat_k, flat_v = k_cache.double().reshape(-1, Hkv, d), v_cache.double().reshape(-1, Hkv, d)
+    out = torch.zeros(B, H, d, dtype=torch.float64)
+    for b in range(B):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        slots = torch.tensor([int(page_table[b, t // page_size]) * page_size + t % page_size for t in range(n)])
+        k = flat_k[slots].repeat_interleave(H // Hkv, dim=1)  # (n, H, d)
+        v = flat_v[slots].repeat_interleave(H // Hkv, dim=1)
+        probs = (torch.einsum("hd,nhd->hn", q[b].double(), k) * scale).softmax(-1)
+        out[b] = torch.einsum("hn,nhd->hd", probs, v)
+    return out
+
+
+def _case(B, H, Hkv, d, page_size, lens, dtype, seed=0):
+    """Random pages for ragged rows, scattered over a cache twice as large as needed (plus a spare page)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_row = [-(-n // page_size) for n in lens]
+    num_pages = 2 * sum(per_row) + 1
+    k_cache = torch.randn(num_pages, page_size, Hkv, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_pages, page_size, Hkv, d, generator=gen).to(dtype)
+    order = torch.randperm(num_pages, generator=gen)
+    table = torch.full((B, max(max(per_row), 1)), -1, dtype=torch.int64)
+    used = 0
+    for b, n in enumerate(per_row):
+        table[b, :n] = order[used : used + n]
+        used += n
+    q = torch.randn(B, H, d, generator=gen).to(dtype)
+    return q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int64)
+
+
+def test_the_kernel_builds_here():
+    assert pa.available(), "a C compiler is on PATH, so the kernel must build (see the warning for why not)"
+
+
+@pytest.mark.parametrize(
+    "B, H, Hkv, d, page_size, lens",
+    [
+        (1, 6, 2, 64, 16, [37]),  # one row: KV heads split over threads
+        (5, 6, 2, 64, 16, [1, 16, 17, 100, 250]),  # ragged, block and page edges
+        (3, 8, 2, 128, 8, [9, 33, 64]),  # the other specialised head size, pages smaller than a block
+        (4, 4, 4, 80, 5, [3, 21, 48, 7]),  # generic head size, no grouping, pages not dividing a block
+        (2, 32, 4, 32, 16, [40, 19]),  # more query heads than one pass takes
+        (3, 2, 1, 16, 16, [0, 5, 16]),  # a row with no cached position gives zeros
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_matches_the_float64_reference(B, H, Hkv, d, page_size, lens, threads):
+    q, k_cache, v_cache, table, seq_lens = _case(B, H, Hkv, d, page_size, lens, torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = pa.paged_decode_attention(q, k_cache, v_cache, table, seq_lens, d**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert out.dtype == torch.float32 and out.shape == (B, H, d)
+    torch.testing.assert_close(out.double(), _reference(q, k_cache, v_cache, table, seq_lens, d**-0.5),
+                               atol=2e-6, rtol=2e-5)  # fmt: skip
+
+
+def test_bfloat16_accumulates_in_float32():
+    q, k_cache, v_cache, table, seq_lens = _case(6, 6, 2, 64, 16, [5, 60, 120, 300, 17, 1], torch.bfloat16)
+    out = pa.paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125)
+    expected = _reference(q, k_cache, v_cache, table, seq_lens, 0.125)
+    assert out.dtype == torch.bfloat16
+    # Only the final rounding to bfloat16 separates it from float64 on the same (bfloat16) inputs.
+    torch.testing.assert_close(out.double(), expected, atol=0, rtol=2**-8)
+
+
+def test_a_page_outside_the_cache_is_refused_not_read():
+    q, k_cache, v_cache, table, seq_lens = _case(2, 4, 2, 16, 4, [6, 3], torch.float32)
+    for bad in (k_cache.shape[0], -1):
+        broken = table.clone()
+        broken[0, 1] = bad
+        with pytest.raises(RuntimeError, match="page index lies outside the cache"):
+            pa.paged_decode_attention(q, k_cache, v_cache, broken, seq_lens, 0.25)
+
+
+def test_bad_arguments_raise_value_error():
+    q, k_cache, v_cache, table, seq_lens = _case(2, 4, 2, 16, 4, [6, 3], torch.float32)
+    with pytest.raises(ValueError, match="dtypes"):
+        pa.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), table, seq_lens, 0.25)
+    with pytest.raises(ValueError, match="exceed"):
+        pa.paged_decode_attention(q, k_cache, v_cache, table, seq_lens + 100, 0.25)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pa.paged_decode_attention(q[..., :8], k_cache[..., :8], v_cache[..., :8], table, seq_lens, 0.25)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        pa.paged_decode_attention(q[:, :3], k_cache, v_cache, table, seq_lens, 0.25)
+    assert pa.supports(q, k_cache)
+    assert not pa.supports(q.half(), k_cache.half())  # float16: the caller gathers
+    assert not pa.supports(q[..., :8], k_cache[..., :8])
+
+
+def test_the_build_is_cached_by_source_and_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASTRAI_CACHE_DIR", str(tmp_path))
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    first = pa._build(compiler)
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert pa._build(compiler) == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
+    edited = tmp_path / "edited.c"
+    edited.write_text(pa._SOURCE.read_text() + "\n/* an edit */\n")
+    monkeypatch.setattr(pa, "_SOURCE", edited)
+    assert pa._build(compiler) != first  # a changed source builds afresh
+    assert sorted(p.suffix for p in (tmp_path / "kernels").iterdir()) == [".so", ".so"]  # no temporary left
+
+    pa._library.cache_clear()
+    try:
+        monkeypatch.setenv("ASTRAI_NATIVE_KERNELS", "0")
+        assert not pa.available()
+        pa._library.cache_clear()
+        monkeypatch.delenv("ASTRAI_NATIVE_KERNELS")
+        monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails: a warning, then the gather path
+        with pytest.warns(UserWarning, match="paged attention kernel not built"):
+            assert not pa.available()
+    finally:
+        pa._library.cache_clear()
+
+
+def test_view_attend_equals_gather_then_sdpa():
+    """Through a real KVCache: `attend` (in place) against `gather` + the model's SDPA on the same step."""
+    config = AutoRegressiveLMConfig(vocab_size=32, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=64,
+                                    max_len=256)  # fmt: skip
+    cache = KVCache.from_config(config, num_pages=40, page_size=8, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    lens = [13, 1, 70]
+    for i, n in enumerate(lens):  # prefill each task, then bind one decode step for all of them
+        assert cache.task_alloc(f"t{i}", list(range(100 * i, 100 * i + n + 1)))
+        prefill = cache.bind_tasks([f"t{i}"], [0], [n])
+        for layer in range(2):
+            prefill.write(layer, torch.randn(1, n, 2, 16, generator=gen), torch.randn(1, n, 2, 16, generator=gen))
+    step = cache.bind_tasks([f"t{i}" for i in range(3)], lens, [1, 1, 1])
+    q = torch.randn(3, 4, 16, generator=gen)
+    for layer in range(2):
+        step.write(layer, torch.randn(3, 1, 2, 16, generator=gen), torch.randn(3, 1, 2, 16, generator=gen))
+        in_place = step.attend(layer, q, 0.25)
+        k, v = step.gather(layer)  # (B, S, Hkv, d)
+        mask = (torch.arange(k.shape[1])[None, :] < step.seq_lens[:, None])[:, None, None, :]
+        gathered = sdpa(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), mask, True, scale=0.25)[:, :, 0]
+        torch.testing.assert_close(in_place, gathered, atol=2e-6, rtol=2e-5)
+    assert step.attend(0, q.half(), 0.25) is None  # no kernel for float16: the model gathers instead
