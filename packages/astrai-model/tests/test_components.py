@@ -211,6 +211,12 @@ def test_attention_mask_with_cache():
     assert mask[1, 0].tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]
     with pytest.raises(ValueError, match="is_causal=False"):
         build_attention_mask(None, positions, kv_lens, is_causal=False)
+    # A first prefill (nothing cached before the step), ragged and right-padded: plain causal attention over the
+    # step's own keys is exact, so no mask (and no gather).
+    first = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    fresh = default_position_ids(torch.zeros(2, 3, dtype=torch.long), first, torch.tensor([3, 2]))
+    assert build_attention_mask(first, fresh, torch.tensor([3, 2])) is None
+    assert build_attention_mask(first, fresh + 1, torch.tensor([4, 3])) is not None  # one cached entry per row
 
 
 def test_default_positions_follow_the_mask():

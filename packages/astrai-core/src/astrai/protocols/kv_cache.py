@@ -13,7 +13,9 @@ For every layer the attention module:
 3. calls `gather(layer_id)` for every row's entries so far, `(B, S, ...)` with `S = max(seq_lens)`, rows
    right-padded; positions `>= seq_lens[b]` of row b are padding and must be masked out.
 
-A step of one token per row (a decode) may skip the gather: GQA first asks `attend(layer_id, q, scale)`, which
+A first prefill (no row had cached entries before this step) needs no gather: the step's own entries are the
+whole history, and the model attends causally over them. A step of one token per row (a decode) may skip the
+gather too: GQA first asks `attend(layer_id, q, scale)`, which
 returns the attention of each row's query over its positions `0 .. seq_lens[b] - 1` computed where the
 entries lie, or None when the view has no such path for this step (then the layer gathers as above).
 

@@ -96,7 +96,8 @@ class MLA(nn.Module):
 
         if paged_cache is not None:
             paged_cache.write(self.layer_id, latent, k_pe)
-            latent, k_pe = paged_cache.gather(self.layer_id)  # (B, S, kv_lora_rank), (B, S, rope)
+            if attn_mask is not None:  # None: a first prefill, its own entries are the history (sdpa module)
+                latent, k_pe = paged_cache.gather(self.layer_id)  # (B, S, kv_lora_rank), (B, S, rope)
 
         if paged_cache is not None and self.absorb_is_cheaper(T):
             out = self._attend_absorbed(q_nope, q_pe, latent, k_pe, attn_mask, is_causal)

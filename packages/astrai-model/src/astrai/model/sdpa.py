@@ -2,8 +2,9 @@
 
 Masks are boolean, `True` = the query may attend to the key, shaped (B, 1, T, S) so one mask serves every
 head. The model builds one mask per forward pass (`build_attention_mask`) and returns `None` whenever SDPA's
-built-in causal (or full) attention is exact: no padding and no KV cache. That keeps the fast fused kernels
-for plain training batches and unpadded prefill.
+built-in causal (or full) attention is exact: no padding and no KV cache, or a KV cache that holds nothing
+but this step's own (right-padded) tokens, a first prefill. That keeps the fast fused kernels (which skip the
+masked half of causal attention) for plain training batches and for prompts.
 
 Key index `j` means:
 - without a cache, the `j`-th token of this forward pass (keys are the queries' own tokens);
@@ -46,6 +47,10 @@ def build_attention_mask(
     position_ids: (B, T) absolute position of every query token.
     kv_lens: (B,) valid cache slots per row after this step's write (`KVCacheView.seq_lens`), or None
         without a cache.
+
+    With a cache, None means that no row had cached entries before this step: attention layers then attend
+    causally over the step's own keys. That is exact for every real query even in a ragged batch: rows are
+    right-padded, so a real query at i sees keys j <= i, all real.
     """
     B, T = position_ids.shape
     if kv_lens is None:
@@ -60,6 +65,9 @@ def build_attention_mask(
     else:
         if not is_causal:
             raise ValueError("a KV cache needs causal attention (is_causal=False was given)")
+        n_new = input_mask.sum(dim=1) if input_mask is not None else torch.full_like(kv_lens, T)
+        if torch.equal(kv_lens, n_new):
+            return None  # a first prefill: the cache holds only this step's tokens
         S = int(kv_lens.max())
         slots = torch.arange(S, device=position_ids.device)  # slot j holds absolute position j
         in_cache = slots[None, :] < kv_lens[:, None]  # (B, S)
