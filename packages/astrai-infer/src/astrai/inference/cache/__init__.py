@@ -1,5 +1,7 @@
-"""Paged KV cache: page bookkeeping, exact-prefix reuse, page tensors and the per-step view the model uses."""
+"""Paged KV cache: page bookkeeping, exact-prefix reuse, page tensors, the per-step view the model uses, and the
+decode attention kernel that reads the pages in place (`paged_attention`)."""
 
+from astrai.inference.cache import paged_attention
 from astrai.inference.cache.allocator import Allocator
 from astrai.inference.cache.kv_cache import KVCache
 from astrai.inference.cache.page_pool import PagePool
@@ -17,4 +19,5 @@ __all__ = [
     "Storage",
     "TaskTable",
     "cache_entry_shapes",
+    "paged_attention",
 ]
