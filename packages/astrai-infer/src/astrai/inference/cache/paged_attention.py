@@ -3,10 +3,11 @@
 Without it a decode step gathers every row's whole history out of the pages, for every layer (a copy as large
 as the cache it reads), before attention reads that copy again. On a CPU the copy and the second read cost more
 than every projection of the step together. `paged_decode_attention` reads each cached key and value row once,
-where it lies, and does the whole attention of a row's query heads in one pass per key/value head.
+where it lies (keys for the scores, then values for the weighted sum), every query head of a row sharing each
+read.
 
 The kernel is `paged_attention.c` beside this file, compiled with the machine's C compiler (`$CC`, else `cc`,
-`gcc`) for this CPU on first use and kept in `$ASTRAI_CACHE_DIR` (default `~/.cache/astrai`) under a name
+`gcc`) for this CPU on first use and kept in `$ASTRAI_CACHE_DIR/kernels` (default `~/.cache/astrai/kernels`) under a name
 that hashes the source, the flags and the CPU, so an edit or another machine builds afresh. It runs its
 parallel loop on the OpenMP runtime torch already loaded (the same `libgomp.so.1`), so it shares torch's
 threads rather than starting a second pool. Where there is no compiler, no OpenMP in torch, or the build
