@@ -15,9 +15,9 @@ For every layer the attention module:
 
 A first prefill (no row had cached entries before this step) needs no gather: the step's own entries are the
 whole history, and the model attends causally over them. A step of one token per row (a decode) may skip the
-gather too: GQA first asks `attend(layer_id, q, scale)`, which
-returns the attention of each row's query over its positions `0 .. seq_lens[b] - 1` computed where the
-entries lie, or None when the view has no such path for this step (then the layer gathers as above).
+gather too: GQA first asks `attend(layer_id, q, scale)`, which returns the attention of each row's query over
+its positions `0 .. seq_lens[b] - 1` computed where the entries lie, or None when the view has no such path
+for this step (then the layer gathers as above).
 
 Key slot `j` of row `b` holds the token at absolute position `j`. Queries carry their absolute positions
 (`position_ids`, which the caller passes when it uses a cache), so query at position `p` attends to keys

@@ -65,11 +65,11 @@ class GQA(nn.Module):
         out = None
         if paged_cache is not None:
             paged_cache.write(self.layer_id, k, v)
-            # No mask: a first prefill, whose own k, v are the whole history (see build_attention_mask).
-            if attn_mask is not None and T == 1:  # a decode step: the cache may attend in place
-                out = paged_cache.attend(self.layer_id, q[:, 0], self.head_dim**-0.5)  # (B, H, hd) or None
-            if attn_mask is not None and out is None:
-                k, v = paged_cache.gather(self.layer_id)  # (B, S, Hkv, hd): every cached position of each row
+            if attn_mask is not None:  # None: a first prefill, whose own k, v are the history (build_attention_mask)
+                if T == 1:  # a decode step: the cache may attend in place
+                    out = paged_cache.attend(self.layer_id, q[:, 0], self.head_dim**-0.5)  # (B, H, hd) or None
+                if out is None:
+                    k, v = paged_cache.gather(self.layer_id)  # (B, S, Hkv, hd): every cached position of each row
         if out is None:
             out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, is_causal).transpose(1, 2)
         out = out.reshape(B, T, self.n_heads * self.head_dim)

@@ -65,7 +65,7 @@ def build_attention_mask(
     else:
         if not is_causal:
             raise ValueError("a KV cache needs causal attention (is_causal=False was given)")
-        n_new = input_mask.sum(dim=1) if input_mask is not None else torch.full_like(kv_lens, T)
+        n_new = input_mask.sum(dim=1).to(kv_lens.dtype) if input_mask is not None else torch.full_like(kv_lens, T)
         if torch.equal(kv_lens, n_new):
             return None  # a first prefill: the cache holds only this step's tokens
         S = int(kv_lens.max())
