@@ -89,6 +89,12 @@ def test_bfloat16_accumulates_in_float32():
     torch.testing.assert_close(out.double(), expected, atol=0, rtol=2**-8)
 
 
+def test_an_empty_batch_gives_an_empty_result():
+    q, k_cache, v_cache, table, seq_lens = _case(1, 4, 2, 16, 4, [3], torch.float32)
+    out = pa.paged_decode_attention(q[:0], k_cache, v_cache, table[:0], seq_lens[:0], 0.25)
+    assert out.shape == (0, 4, 16)
+
+
 def test_a_page_outside_the_cache_is_refused_not_read():
     q, k_cache, v_cache, table, seq_lens = _case(2, 4, 2, 16, 4, [6, 3], torch.float32)
     for bad in (k_cache.shape[0], -1):

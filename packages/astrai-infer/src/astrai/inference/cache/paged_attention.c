@@ -222,6 +222,7 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
                            int64_t max_pages, int64_t page_size, int64_t num_pages, float scale, int is_bf16,
                            int num_threads) {
     if (dim % LANES != 0 || dim > LANES * MAX_CHUNKS) return -3;
+    if (batch <= 0) return 0;
     /* A work item is one row's whole set of KV heads, split into head groups only when there are too few rows
      * to keep every thread busy. */
     int64_t n_rep = n_heads / n_kv_heads, longest = 0;
