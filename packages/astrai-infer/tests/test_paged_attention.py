@@ -3,6 +3,7 @@ build cache, and `KvcacheView.attend` (the engine's greedy-vs-naive test runs de
 
 import platform
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -95,6 +96,18 @@ def test_an_empty_batch_gives_an_empty_result():
     assert out.shape == (0, 4, 16)
 
 
+def test_non_finite_scores_give_nan_as_torch_does():
+    q, k_cache, v_cache, table, seq_lens = _case(2, 4, 2, 16, 16, [40, 40], torch.float32)
+    q[0, 0, 3] = float("nan")  # every score of row 0, head 0
+    k_cache[table[1, 1], 1, 0, 2] = float("nan")  # one key (position 17) of row 1, KV head 0 (query heads 0, 1)
+    q[1, 3] = 1e30  # row 1, head 3: scores overflow to +-inf
+    out = pa.paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.25)
+    reference = _reference(q, k_cache, v_cache, table, seq_lens, 0.25)
+    assert torch.equal(out.isnan(), reference.isnan()) and out[0, 0].isnan().all() and out[1, :2].isnan().all()
+    finite = ~reference.isnan()
+    torch.testing.assert_close(out.double()[finite], reference[finite], atol=2e-6, rtol=2e-5)
+
+
 def test_a_page_outside_the_cache_is_refused_not_read():
     q, k_cache, v_cache, table, seq_lens = _case(2, 4, 2, 16, 4, [6, 3], torch.float32)
     for bad in (k_cache.shape[0], -1):
@@ -108,8 +121,16 @@ def test_bad_arguments_raise_value_error():
     q, k_cache, v_cache, table, seq_lens = _case(2, 4, 2, 16, 4, [6, 3], torch.float32)
     with pytest.raises(ValueError, match="dtypes"):
         pa.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), table, seq_lens, 0.25)
-    with pytest.raises(ValueError, match="exceed"):
-        pa.paged_decode_attention(q, k_cache, v_cache, table, seq_lens + 100, 0.25)
+    with pytest.raises(ValueError, match="seq_lens"):
+        pa.paged_decode_attention(q, k_cache, v_cache, table, seq_lens + 100, 0.25)  # longer than the table
+    with pytest.raises(ValueError, match="seq_lens"):
+        pa.paged_decode_attention(q, k_cache, v_cache, table, seq_lens - 5, 0.25)  # negative
+    with pytest.raises(ValueError, match="seq_lens"):
+        pa.paged_decode_attention(q, k_cache, v_cache, table, seq_lens[:1], 0.25)  # fewer lengths than rows
+    with pytest.raises(ValueError, match="page_table"):
+        pa.paged_decode_attention(q, k_cache, v_cache, table[0], seq_lens, 0.25)
+    with pytest.raises(ValueError, match="page_table: the kernel reads CPU memory only"):
+        pa.paged_decode_attention(q, k_cache, v_cache, table.to("meta"), seq_lens, 0.25)
     with pytest.raises(ValueError, match="multiple of 16"):
         pa.paged_decode_attention(q[..., :8], k_cache[..., :8], v_cache[..., :8], table, seq_lens, 0.25)
     with pytest.raises(ValueError, match="multiple of Hkv"):
@@ -141,6 +162,19 @@ def test_the_build_is_cached_by_source_and_can_be_turned_off(tmp_path, monkeypat
         monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails: a warning, then the gather path
         with pytest.warns(UserWarning, match="paged attention kernel not built"):
             assert not pa.available()
+        pa._library.cache_clear()
+        monkeypatch.setenv("ASTRAI_CACHE_DIR", str(tmp_path / "elsewhere"))  # nothing built there yet
+
+        builds = []
+
+        def too_slow(*args, **kwargs):
+            builds.append(args[0])
+            raise subprocess.TimeoutExpired(args[0], 120)
+
+        monkeypatch.setattr(pa.subprocess, "run", too_slow)
+        with pytest.warns(UserWarning, match="paged attention kernel not built"):
+            assert not pa.available()  # a build that times out falls back too, and is not retried
+        assert not pa.available() and len(builds) == 1
     finally:
         pa._library.cache_clear()
 

@@ -53,8 +53,8 @@ static inline float sum16(vf v) {
     return c[0] + c[1];
 }
 
-static inline vf max16(vf a, vf b) {
-    vi a_wins = a > b;
+static inline vf max16(vf a, vf b) { /* NaN in a propagates (as torch's max), so a NaN score gives NaN */
+    vi a_wins = (a > b) | (a != a);
     return (vf)(((vi)a & a_wins) | ((vi)b & ~a_wins));
 }
 
@@ -62,13 +62,15 @@ static inline float reduce_max16(vf v) {
     vf a = max16(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
     vf b = max16(a, __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3));
     vf c = max16(b, __builtin_shufflevector(b, b, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1));
-    return c[0] > c[1] ? c[0] : c[1];
+    return c[0] > c[1] || c[0] != c[0] ? c[0] : c[1];
 }
 
 /* e^x for x <= 0, 16 at a time (Cephes expf: Cody-Waite reduction, degree-6 polynomial; about 1 ulp).
- * Below -87 it gives e^-87 (~1.6e-38) rather than 0, which cannot change a sum that contains e^0 = 1. */
+ * Below -87 it gives e^-87 (~1.6e-38) rather than 0, which cannot change a sum that contains e^0 = 1; NaN
+ * stays NaN. */
 static inline vf exp16(vf x) {
-    x = max16(x, (vf){0} - 87.0f);
+    vi low = x < -87.0f;
+    x = (vf)(((vi)x & ~low) | ((vi)((vf){0} - 87.0f) & low));
     vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi); /* round(x / ln 2), as x <= 0 */
     vf nf = __builtin_convertvector(n, vf);
     vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
@@ -78,7 +80,7 @@ static inline vf exp16(vf x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    return p * (vf)((n + 127) << 23);
+    return p * (vf)((vu)(n + 127) << 23); /* 2^n; unsigned, so a NaN's n cannot overflow a signed shift */
 }
 
 static inline const void *element(const void *base, int64_t index, int is_bf16) {
@@ -194,12 +196,13 @@ static inline __attribute__((always_inline)) void attend_heads(
     }
 }
 
-/* Row b, KV heads g0 .. g1 - 1; returns 0, or -1 when a page index lies outside the cache. `work` holds `len`
- * row numbers, then the score rows. */
+/* Row b, KV heads g0 .. g1 - 1; returns 0, -1 when a page index lies outside the cache, -4 for a negative
+ * length. `work` holds `len` row numbers, then the score rows. */
 static inline __attribute__((always_inline)) int attend(
     const void *q, const void *k, const void *v, void *out, const int64_t *pages, int64_t len, int64_t q_row,
     int64_t n_kv_heads, int64_t g0, int64_t g1, int64_t n_rep, int64_t dim, int64_t page_size, int64_t num_pages,
     float scale, int is_bf16, int64_t *work) {
+    if (len < 0) return -4;
     int64_t *rows = work;
     float *scores = (float *)(work + len);
     for (int64_t t0 = 0; t0 < len; t0 += page_size) {
@@ -215,8 +218,8 @@ static inline __attribute__((always_inline)) int attend(
 
 /* q, out: (batch, n_heads, dim) contiguous; k, v: one layer's cache, (num_pages, page_size, n_kv_heads, dim)
  * contiguous; page_table: (batch, max_pages) int64; seq_lens: (batch,) int64, each <= max_pages * page_size;
- * dim a multiple of 16, at most 256. Returns 0, -1 when a page index lies outside the cache, -2 when out of
- * memory, -3 for an unsupported dim. */
+ * 0 <= seq_lens[b]; dim a multiple of 16, at most 256. Returns 0, -1 when a page index lies outside the cache,
+ * -2 when out of memory, -3 for an unsupported dim, -4 for a negative length. */
 int paged_decode_attention(const void *q, const void *k, const void *v, void *out, const int64_t *page_table,
                            const int64_t *seq_lens, int64_t batch, int64_t n_heads, int64_t n_kv_heads, int64_t dim,
                            int64_t max_pages, int64_t page_size, int64_t num_pages, float scale, int is_bf16,

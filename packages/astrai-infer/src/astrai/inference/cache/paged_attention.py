@@ -34,7 +34,12 @@ import torch
 _SOURCE = Path(__file__).with_name("paged_attention.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's is_bf16 flag
-_ERRORS = {-1: "a page index lies outside the cache", -2: "out of memory", -3: "unsupported head size"}
+_ERRORS = {
+    -1: "a page index lies outside the cache",
+    -2: "out of memory",
+    -3: "unsupported head size",
+    -4: "a negative sequence length",
+}
 _LANES, _MAX_HEAD_DIM = 16, 256  # the kernel's SIMD width and register budget (LANES, MAX_CHUNKS there)
 
 
@@ -84,10 +89,16 @@ def paged_decode_attention(
         raise ValueError(f"head size {d}: the kernel takes a multiple of {_LANES} up to {_MAX_HEAD_DIM}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in _DTYPES):
         raise ValueError(f"dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}: need one of {list(_DTYPES)}")
-    if page_table.dtype != torch.int64 or seq_lens.dtype != torch.int64 or page_table.shape[0] != B:
-        raise ValueError("page_table (B, P) and seq_lens (B,) must be int64 with B rows")
-    if B and int(seq_lens.max()) > page_table.shape[1] * page_size:
-        raise ValueError(f"seq_lens up to {int(seq_lens.max())} exceed {page_table.shape[1]} pages per row")
+    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "page_table": page_table, "seq_lens": seq_lens}
+    elsewhere = [name for name, t in tensors.items() if t.device.type != "cpu"]
+    if elsewhere:
+        raise ValueError(f"{', '.join(elsewhere)}: the kernel reads CPU memory only")
+    if page_table.dtype != torch.int64 or page_table.dim() != 2 or page_table.shape[0] != B:
+        raise ValueError(f"page_table {page_table.dtype} {tuple(page_table.shape)}: need int64 (B={B}, P)")
+    if seq_lens.dtype != torch.int64 or seq_lens.shape != (B,):
+        raise ValueError(f"seq_lens {seq_lens.dtype} {tuple(seq_lens.shape)}: need int64 (B={B},)")
+    if B and not 0 <= int(seq_lens.min()) <= int(seq_lens.max()) <= page_table.shape[1] * page_size:
+        raise ValueError(f"seq_lens {seq_lens.tolist()}: need 0 .. {page_table.shape[1]} pages x {page_size} per row")
     q, page_table, seq_lens = q.contiguous(), page_table.contiguous(), seq_lens.contiguous()
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # views of the cache already are: no copy
     out = torch.empty_like(q)
@@ -110,7 +121,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as err:
+    except (OSError, subprocess.SubprocessError) as err:  # no compiler, a failed or timed-out build
         detail = getattr(err, "stderr", "") or err
         warnings.warn(f"paged attention kernel not built ({detail}); decode attention gathers instead", stacklevel=3)
         return None
