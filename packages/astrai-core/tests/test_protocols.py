@@ -42,7 +42,9 @@ class View:
     def gather(self, layer_id):
         return (), ()
 
-    def attend(self, layer_id, q, scale):
+    packed = False
+
+    def attend(self, layer_id, q, k, v, scale):
         return None
 
 

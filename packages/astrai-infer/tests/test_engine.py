@@ -42,14 +42,16 @@ def test_greedy_matches_naive_recompute_with_prefix_hits_chunking_and_preemption
 ):
     # Pages of 4 tokens, 8-token prefill chunks, and 20 pages for 10 concurrent requests of up to 64 tokens:
     # long prompts are chunked, the shared 10-token system prompt is served from the prefix cache, and the
-    # cache runs out of pages, so the newest requests get preempted and recomputed. Decode attention runs in
-    # place (the kernel) or, where the kernel does not serve the cache, over the gathered history.
+    # cache runs out of pages, so the newest requests get preempted and recomputed. Steps are packed and attend
+    # in place (the kernel), or, where the kernel does not serve the cache, padded over the gathered history.
     decode_rows = []
     kernel = view_module.paged_decode_attention
     monkeypatch.setattr(view_module, "paged_decode_attention", lambda *a: decode_rows.append(len(a[0])) or kernel(*a))
     if not in_place:
-        monkeypatch.setattr(view_module, "supports", lambda q, cache: False)
+        monkeypatch.setattr(view_module, "supports_cache", lambda cache: False)
     engine = make_engine(max_batch_size=10, max_seq_len=64, page_size=4, num_pages=20, max_prefill_tokens=8)
+    packed = in_place and paged_attention.available()  # steps are then one unpadded forward each
+    assert engine.scheduler.executor.packs_steps is packed
     rng = random.Random(0)
     system = [rng.randrange(10, 400) for _ in range(10)]
     prompts = [system + [rng.randrange(10, 400) for _ in range(rng.randrange(1, 30))] for _ in range(14)]
@@ -64,8 +66,8 @@ def test_greedy_matches_naive_recompute_with_prefix_hits_chunking_and_preemption
     assert stats["preemptions"] > 0 and stats["prefix_hit_tokens"] > 0
     assert stats["requests_finished"] == len(prompts)
     _check_clean(engine)
-    if in_place and paged_attention.available():
-        assert max(decode_rows) > 1  # batched decodes attended in place
+    if packed:
+        assert max(decode_rows) > 1  # batched queries attended in place
     else:
         assert not decode_rows
 

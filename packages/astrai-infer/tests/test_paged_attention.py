@@ -11,7 +11,8 @@ import torch
 import astrai.inference.cache.paged_attention as pa
 from astrai.config import AutoRegressiveLMConfig
 from astrai.inference.cache import KVCache
-from astrai.model.sdpa import sdpa
+from astrai.inference.cache.storage import Storage
+from astrai.model.sdpa import build_attention_mask, sdpa
 
 HAS_COMPILER = platform.system() == "Linux" and any(shutil.which(c) for c in ("cc", "gcc"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="the kernel is built with a C compiler on Linux")
@@ -135,9 +136,9 @@ def test_bad_arguments_raise_value_error():
         pa.paged_decode_attention(q[..., :8], k_cache[..., :8], v_cache[..., :8], table, seq_lens, 0.25)
     with pytest.raises(ValueError, match="multiple of Hkv"):
         pa.paged_decode_attention(q[:, :3], k_cache, v_cache, table, seq_lens, 0.25)
-    assert pa.supports(q, k_cache)
-    assert not pa.supports(q.half(), k_cache.half())  # float16: the caller gathers
-    assert not pa.supports(q[..., :8], k_cache[..., :8])
+    assert pa.supports_cache(k_cache)
+    assert not pa.supports_cache(k_cache.half())  # float16: the caller gathers
+    assert not pa.supports_cache(k_cache[..., :8])
 
 
 def test_the_build_is_cached_by_source_and_can_be_turned_off(tmp_path, monkeypatch):
@@ -194,10 +195,77 @@ def test_view_attend_equals_gather_then_sdpa():
     step = cache.bind_tasks([f"t{i}" for i in range(3)], lens, [1, 1, 1])
     q = torch.randn(3, 4, 16, generator=gen)
     for layer in range(2):
-        step.write(layer, torch.randn(3, 1, 2, 16, generator=gen), torch.randn(3, 1, 2, 16, generator=gen))
-        in_place = step.attend(layer, q, 0.25)
+        k_new, v_new = torch.randn(3, 1, 2, 16, generator=gen), torch.randn(3, 1, 2, 16, generator=gen)
+        step.write(layer, k_new, v_new)
+        in_place = step.attend(layer, q, k_new[:, 0], v_new[:, 0], 0.25)
         k, v = step.gather(layer)  # (B, S, Hkv, d)
         mask = (torch.arange(k.shape[1])[None, :] < step.seq_lens[:, None])[:, None, None, :]
         gathered = sdpa(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), mask, True, scale=0.25)[:, :, 0]
         torch.testing.assert_close(in_place, gathered, atol=2e-6, rtol=2e-5)
-    assert step.attend(0, q.half(), 0.25) is None  # no kernel for float16: the model gathers instead
+    half = cache.bind_tasks(["t0"], [lens[0]], [1])
+    half._storage = Storage(2, 40, 8, (2, 16), (2, 16), dtype=torch.float16)
+    assert half.attend(0, q[:1].half(), k_new[:1, 0].half(), v_new[:1, 0].half(), 0.25) is None  # the model gathers
+
+
+def test_packed_step_attends_like_the_padded_step():
+    """One packed step (decodes, continued chunks of 9 and 17 tokens, first chunks of 1, 11 and 30 tokens:
+    through the kernel, gathered and masked SDPA, and causal SDPA over their own entries) against the padded
+    step of the same tokens on a twin cache: the same cache contents afterwards, and every query's attention
+    equal to gather + the model's own mask + SDPA."""
+    config = AutoRegressiveLMConfig(vocab_size=32, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=64,
+                                    max_len=256)  # fmt: skip
+    rows = [(13, 1), (0, 11), (20, 9), (1, 1), (0, 1), (70, 1), (0, 30), (24, 17)]  # (cached before, new now)
+    caches = [KVCache.from_config(config, num_pages=60, page_size=8, dtype=torch.float32) for _ in range(2)]
+    gen = torch.Generator().manual_seed(2)
+    history = [(torch.randn(2, start, 2, 16, generator=gen), torch.randn(2, start, 2, 16, generator=gen))
+               for start, _ in rows]  # fmt: skip
+    ids = [f"t{i}" for i in range(len(rows))]
+    for cache in caches:
+        for i, (start, n) in enumerate(rows):
+            assert cache.task_alloc(ids[i], list(range(100 * i, 100 * i + start + n)))
+            if start:
+                earlier = cache.bind_tasks([ids[i]], [0], [start])
+                for layer in range(2):
+                    earlier.write(layer, history[i][0][layer][None], history[i][1][layer][None])
+    starts, counts = [s for s, _ in rows], [n for _, n in rows]
+    N, T = sum(counts), max(counts)
+    packed = caches[0].bind_tasks(ids, starts, counts, packed=True)
+    padded = caches[1].bind_tasks(ids, starts, counts)
+    assert packed.packed and not padded.packed
+    real = torch.arange(T)[None, :] < torch.tensor(counts)[:, None]  # (B, T) real tokens of the padded step
+    positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]
+    mask = build_attention_mask(real, positions, padded.seq_lens)
+    for layer in range(2):
+        q = torch.randn(N, 4, 16, generator=gen)
+        k, v = torch.randn(1, N, 2, 16, generator=gen), torch.randn(1, N, 2, 16, generator=gen)
+        packed.write(layer, k, v)
+        got = packed.attend(layer, q, k[0], v[0], 0.25)  # (N, H, d)
+
+        def pad(x):  # (N, ...) row after row -> (B, T, ...) right-padded
+            out = x.new_zeros(len(rows), T, *x.shape[1:])
+            out[real] = x
+            return out
+
+        padded.write(layer, pad(k[0]), pad(v[0]))
+        keys, values = padded.gather(layer)
+        want = sdpa(pad(q).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask, True, scale=0.25)
+        torch.testing.assert_close(got, want.transpose(1, 2)[real], atol=2e-6, rtol=2e-5)
+        for table in ("k_cache", "v_cache"):
+            stored = [getattr(c._storage, table)[layer, :-1] for c in caches]  # the scratch page aside
+            torch.testing.assert_close(stored[0], stored[1], atol=0, rtol=0)
+
+
+def test_a_packed_step_needs_the_kernel(monkeypatch):
+    config = AutoRegressiveLMConfig(vocab_size=32, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, dim_ffn=64,
+                                    max_len=64)  # fmt: skip
+    cache = KVCache.from_config(config, num_pages=4, page_size=8, dtype=torch.float32)
+    assert cache.packs_steps
+    assert cache.task_alloc("t", [1, 2, 3])
+    monkeypatch.setenv("ASTRAI_NATIVE_KERNELS", "0")
+    pa._library.cache_clear()
+    try:
+        assert not cache.packs_steps
+        with pytest.raises(ValueError, match="packed step needs the paged attention kernel"):
+            cache.bind_tasks(["t"], [0], [3], packed=True)
+    finally:
+        pa._library.cache_clear()

@@ -1,10 +1,12 @@
-"""InferenceScheduler: chunked prefill, ragged decode batches, first token from the prefill, preemption order,
-cancellation owned by the loop, and the TaskManager's thread-safe door."""
+"""InferenceScheduler: chunked prefill, packed or padded steps, ragged decode batches, first token from the
+prefill, preemption order, cancellation owned by the loop, and the TaskManager's thread-safe door."""
 
 import threading
 
 import pytest
 
+import astrai.inference.cache.paged_attention as paged_attention
+import astrai.inference.cache.view as view_module
 from astrai.inference import (
     InferenceScheduler,
     LoopStoppedError,
@@ -78,15 +80,37 @@ def test_long_prompts_are_prefilled_in_chunks_of_the_budget(scheduler, naive_gre
     assert chunks == [(0, 8), (8, 8), (16, 8), (24, 6)]
 
 
-def test_prefill_chunks_share_a_forward_only_when_padding_is_small(scheduler, naive_greedy):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_a_step_runs_one_unpadded_forward_or_pads_only_a_little(scheduler, naive_greedy, monkeypatch, packed):
+    if not packed:  # where the kernel does not serve the cache, steps are padded
+        monkeypatch.setattr(view_module, "supports_cache", lambda cache: False)
+    elif not paged_attention.available():
+        pytest.skip("no paged attention kernel here (no C compiler)")
     sched = scheduler(start=False, max_seq_len=64)
-    prompts = [list(range(10, 40)), list(range(50, 78)), [7, 8, 9]]  # 30, 28 and 3 tokens
-    recs = [_add(sched, p, 2) for p in prompts]
+    assert sched.executor.packs_steps is packed
+    prompts = [list(range(10, 40)), list(range(50, 78)), [7, 8, 9], [4, 5]]  # 30, 28, 3 and 2 tokens
+    recs = [_add(sched, p, 2 + 4 * (i == 3)) for i, p in enumerate(prompts)]
     sched.start()
-    for prompt, (_, rec) in zip(prompts, recs):
-        assert rec.ids() == naive_greedy(prompt, 2)
+    for i, (prompt, (_, rec)) in enumerate(zip(prompts, recs)):
+        assert rec.ids() == naive_greedy(prompt, 2 + 4 * (i == 3))
     prefills = [[n for _, _, n in rows] for kind, rows in sched.calls if kind == "prefill"]
-    assert prefills == [[30, 28], [3]]  # padding 3 tokens to 30 would waste most of a forward
+    if packed:  # every chunk in one forward, no padding
+        assert prefills[0] == [30, 28, 3, 2]
+    else:  # padding 3 tokens to 30 would waste most of a forward
+        assert prefills[:2] == [[30, 28], [3, 2]]
+
+
+def test_decodes_ride_along_with_a_packed_prefill(scheduler, naive_greedy):
+    if not paged_attention.available():
+        pytest.skip("no paged attention kernel here (no C compiler)")
+    sched = scheduler(start=False, max_seq_len=64, max_prefill_tokens=8)
+    short, long_ = [5, 6], list(range(20, 50))  # the long prompt takes 4 steps of 8 tokens
+    (a, rec_a), (b, rec_b) = _add(sched, short, 6), _add(sched, long_, 3)
+    sched.start()
+    assert rec_a.ids() == naive_greedy(short, 6) and rec_b.ids() == naive_greedy(long_, 3)
+    mixed = [rows for kind, rows in sched.calls if kind == "prefill" and {r[0] for r in rows} == {a, b}]
+    # the short task decodes (1 token) in the same forward as the long task's next chunk
+    assert len(mixed) >= 2 and all(dict((r[0], r[2]) for r in rows)[a] == 1 for rows in mixed[1:])
 
 
 def test_first_token_is_sampled_from_the_prefill_logits(scheduler, naive_greedy):

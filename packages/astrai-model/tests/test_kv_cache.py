@@ -80,3 +80,36 @@ def test_overflow_and_bad_sizes_are_errors():
     assert cache.bind(4).seq_lens.tolist() == [4, 4]
     with pytest.raises(ValueError, match="batch_size=0"):
         ContiguousKVCache(n_layers=1, batch_size=0, max_len=4)
+
+
+class _PackedView:
+    """A view announcing a packed step; the model must refuse a step it cannot take before touching it."""
+
+    packed = True
+    seq_lens = torch.tensor([3])
+
+    def write(self, layer_id, k, v):
+        raise AssertionError("the step should have been refused before any write")
+
+    def gather(self, layer_id):
+        raise AssertionError("a packed step never gathers")
+
+    def attend(self, layer_id, q, k, v, scale):
+        raise AssertionError("the step should have been refused before attention")
+
+
+def test_a_packed_step_needs_one_unpadded_row_positions_and_gqa(lm_config):
+    torch.manual_seed(0)
+    view, positions = _PackedView(), torch.arange(3)[None]
+    model = AutoRegressiveLM(lm_config()).eval()
+    with pytest.raises(ValueError, match=r"packed cache step takes input_ids \(1, N\)"):
+        model(torch.ones(2, 3, dtype=torch.long), paged_cache=view, position_ids=positions.expand(2, 3))
+    with pytest.raises(ValueError, match="with position_ids"):
+        model(torch.ones(1, 3, dtype=torch.long), paged_cache=view)
+    with pytest.raises(ValueError, match="no input_mask"):
+        model(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), paged_cache=view, position_ids=positions)
+    mla = AutoRegressiveLM(
+        lm_config(attn_type="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, n_kv_heads=4)
+    ).eval()
+    with pytest.raises(ValueError, match="MLA attention takes padded cache steps only"):
+        mla(torch.ones(1, 3, dtype=torch.long), paged_cache=view, position_ids=positions)

@@ -15,9 +15,16 @@ For every layer the attention module:
 
 A first prefill (no row had cached entries before this step) needs no gather: the step's own entries are the
 whole history, and the model attends causally over them. A step of one token per row (a decode) may skip the
-gather too: GQA first asks `attend(layer_id, q, scale)`, which returns the attention of each row's query over
-its positions `0 .. seq_lens[b] - 1` computed where the entries lie, or None when the view has no such path
-for this step (then the layer gathers as above).
+gather too: GQA first asks `attend(layer_id, q, k, v, scale)`, which returns the attention of each row's query
+over its positions `0 .. seq_lens[b] - 1` computed where the entries lie, or None when the view has no such
+path for this step (then the layer gathers as above).
+
+A view may instead be `packed`: the step's tokens then come as one row, input `(1, N)` holding row 0's new
+tokens, then row 1's, and so on (`N = sum(T_b)`, no padding), so prefill chunks of any lengths and one-token
+decodes share one forward and every projection runs on exactly `N` tokens. The model builds no mask, takes
+the caller's `position_ids`, and every attention layer calls `write` with `(1, N, ...)` entries and then
+`attend` with `q` `(N, H, d)`: the view attends each query over its own row's positions up to its own (it
+never returns None for a packed step). MLA layers do not take packed steps.
 
 Key slot `j` of row `b` holds the token at absolute position `j`. Queries carry their absolute positions
 (`position_ids`, which the caller passes when it uses a cache), so query at position `p` attends to keys
@@ -44,7 +51,13 @@ class KVCacheView(Protocol):
         """Every row's cached entries for `layer_id`, (B, S, ...) each, right-padded."""
         ...
 
-    def attend(self, layer_id: int, q: Any, scale: float) -> Any | None:
-        """q (B, H, d), each row's one query at its last position -> (B, H, d) attention over the row's cache
-        (query head h reads KV head h // (H // Hkv)), or None when this view cannot compute it in place."""
+    @property
+    def packed(self) -> bool:
+        """True when the step's tokens come as one unpadded row (see the module docstring)."""
+        ...
+
+    def attend(self, layer_id: int, q: Any, k: Any, v: Any, scale: float) -> Any | None:
+        """q (N, H, d): the step's queries in token order (one per row in a padded decode step); k, v (N, ...):
+        their entries as just written. Returns (N, H, d), each query attending over its row's positions up to
+        its own (query head h reads KV head h // (H // Hkv)), or None when this view cannot compute it in place."""
         ...

@@ -10,10 +10,15 @@ chunk, or `n_b = 1` for a decode). The batch is right-padded to `T = max(n_b)`:
 The KV view is bound with each row's start and length, so row b's new entries land at positions
 `next_pos_b ..` of its own pages (padding goes to the cache's scratch page). The LM head runs only at each row's
 last real token (`logits_index`): that is where the next token of a finished prefill or of a decode comes from.
+
+When the cache takes packed steps (`KVCache.packs_steps`: the CPU paged attention kernel serves it), the batch
+is not padded: `input_ids` and `position_ids` are (1, sum(n_b)), row after row, and the view is bound packed,
+so every projection runs on exactly the step's tokens (`astrai.protocols.KVCacheView`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +48,7 @@ class Executor:
         self.packed_layers = pack_linear_weights(model) if pack_weights else 0  # CPU only; see astrai.model.linear
         if self.device.type == "cpu":
             paged_attention.available()  # build (or load) the decode attention kernel now, not in a request
+        self.packs_steps = page_cache.packs_steps  # after the build: it needs the kernel
 
     def close(self) -> None:
         """Drop the packed weight copies (if any)."""
@@ -51,7 +57,8 @@ class Executor:
             self.packed_layers = 0
 
     def execute_prefill(self, tasks: Sequence[Task], num_tokens: Sequence[int]) -> torch.Tensor:
-        """Feed `num_tokens[b]` tokens of each task's sequence from `task.next_pos`; (B, V) last-token logits."""
+        """Feed `num_tokens[b]` tokens of each task's sequence from `task.next_pos` (a decoding task feeds its
+        one pending token); (B, V) last-token logits."""
         chunks = [t.all_ids[t.next_pos : t.next_pos + n] for t, n in zip(tasks, num_tokens, strict=True)]
         return self._forward(tasks, chunks)
 
@@ -70,24 +77,31 @@ class Executor:
     def _forward(self, tasks: Sequence[Task], chunks: list[list[int]]) -> torch.Tensor:
         lens = [len(c) for c in chunks]
         starts = [t.next_pos for t in tasks]
-        width = max(lens)
-        ids = torch.zeros(len(chunks), width, dtype=torch.int64)
-        for row, chunk in enumerate(chunks):
-            ids[row, : len(chunk)] = torch.tensor(chunk, dtype=torch.int64)
-        new_lens = torch.tensor(lens, dtype=torch.int64)
-        steps = torch.arange(width)
-        mask = steps[None, :] < new_lens[:, None]  # (B, T)
-        # Padding repeats the row's last real position: a valid position that causes no extra work.
-        positions = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.minimum(
-            steps[None, :], new_lens[:, None] - 1
-        )
-        view = self.page_cache.bind_tasks([t.task_id for t in tasks], starts, lens)
+        inputs = _packed_inputs(chunks, starts, lens) if self.packs_steps else _padded_inputs(chunks, starts, lens)
+        view = self.page_cache.bind_tasks([t.task_id for t in tasks], starts, lens, packed=self.packs_steps)
         with torch.inference_mode():
-            out = self.model(
-                ids.to(self.device),
-                input_mask=mask.to(self.device),
-                paged_cache=view,
-                position_ids=positions.to(self.device),
-                logits_index=(new_lens - 1).to(self.device),
-            )
+            out = self.model(**{name: t.to(self.device) for name, t in inputs.items()}, paged_cache=view)
             return out["logits"][:, 0]  # (B, V)
+
+
+def _padded_inputs(chunks: list[list[int]], starts: list[int], lens: list[int]) -> dict[str, torch.Tensor]:
+    """(B, T) right-padded ids, mask and positions, and each row's last real token."""
+    width = max(lens)
+    ids = torch.zeros(len(chunks), width, dtype=torch.int64)
+    for row, chunk in enumerate(chunks):
+        ids[row, : len(chunk)] = torch.tensor(chunk, dtype=torch.int64)
+    new_lens = torch.tensor(lens, dtype=torch.int64)
+    steps = torch.arange(width)
+    # Padding repeats the row's last real position: a valid position that causes no extra work.
+    positions = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.minimum(steps[None, :], new_lens[:, None] - 1)
+    return dict(
+        input_ids=ids, input_mask=steps[None, :] < new_lens[:, None], position_ids=positions, logits_index=new_lens - 1
+    )
+
+
+def _packed_inputs(chunks: list[list[int]], starts: list[int], lens: list[int]) -> dict[str, torch.Tensor]:
+    """(1, N) ids and positions of the rows back to back, and the index of each row's last token."""
+    ids = torch.tensor([token for chunk in chunks for token in chunk], dtype=torch.int64)
+    positions = torch.tensor([p for s, n in zip(starts, lens, strict=True) for p in range(s, s + n)])
+    last = torch.tensor(list(itertools.accumulate(lens)), dtype=torch.int64) - 1
+    return dict(input_ids=ids[None], position_ids=positions[None], logits_index=last)

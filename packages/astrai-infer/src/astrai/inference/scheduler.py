@@ -13,11 +13,14 @@ A step, repeated while there is work (the thread sleeps on a condition otherwise
 3. **Admit** waiting tasks, first come first served, while the batch has room, the step's prefill budget is
    not spent and the cache can hold the task's whole sequence (its longest cached prefix is reused). A task
    that does not fit waits at the head; the loop retries when the next step has changed something.
-4. **Run** the prefill chunks, then one forward for all decodes (one token per row, each row at its own
-   position). Prefill chunks share a forward only while right-padding them to the longest wastes at most a
-   quarter of its tokens (on a CPU prefill is compute-bound, so padding is pure loss; a lone long chunk runs
-   alone). A task whose sequence is now fully in the cache samples its next token from the logits of its
-   last token, so the first generated token comes from the prefill itself (defect 1 of the original).
+4. **Run** one forward for the whole step when the cache takes packed steps (the CPU paged attention
+   kernel serves it): every prefill chunk and every decode, back to back in one unpadded row, so no token is
+   padding and the decodes ride along with the prefill. Otherwise (MLA, CUDA, float16) the prefill chunks run
+   first, sharing a forward only while right-padding them to the longest wastes at most a quarter of its
+   tokens (on a CPU prefill is compute-bound, so padding is pure loss; a lone long chunk runs alone), then one
+   forward for all decodes (one token per row, each row at its own position). A task whose sequence is now
+   fully in the cache samples its next token from the logits of its last token, so the first generated token
+   comes from the prefill itself (defect 1 of the original).
 5. **Emit**: each sampled token is checked against the task's stop tokens, `max_tokens` and stop strings and
    streamed as text; finished tasks free their pages (their full pages stay in the prefix cache).
 
@@ -221,10 +224,13 @@ class InferenceScheduler:
                 self._finish(task, "cancelled")
         prefill, chunk_lens, decode = self._plan()
         generated = 0
-        for tasks, lens in _padding_groups(prefill, chunk_lens):
-            generated += self._run(tasks, lens)
-        if decode:
-            generated += self._run(decode, None)
+        if prefill and self._executor.packs_steps:  # one unpadded forward for the whole step
+            generated += self._run(prefill, chunk_lens, decode)
+        else:
+            for tasks, lens in _padding_groups(prefill, chunk_lens):
+                generated += self._run(tasks, lens, [])
+            if decode:
+                generated += self._run([], [], decode)
         self._stats.step(generated)
 
     def _plan(self) -> tuple[list[Task], list[int], list[Task]]:
@@ -297,23 +303,24 @@ class InferenceScheduler:
         self._task_mgr.return_to_waiting([task])
         self._stats.count("preemptions")
 
-    def _run(self, tasks: list[Task], chunk_lens: list[int] | None) -> int:
-        """One batched forward (prefill chunks, or decodes when `chunk_lens` is None), then sampling and
-        streaming for every task whose sequence is complete. Returns the number of tokens generated."""
+    def _run(self, prefill: list[Task], chunk_lens: list[int], decode: list[Task]) -> int:
+        """One batched forward of prefill chunks (`chunk_lens[i]` tokens of `prefill[i]`) and decodes, then
+        sampling and streaming for every task whose sequence is complete. Returns the tokens generated."""
+        tasks = prefill + decode
+        lens = chunk_lens + [1] * len(decode)
         try:
-            if chunk_lens is None:
-                logits = self._executor.execute_decode(tasks)
+            if prefill:
+                logits = self._executor.execute_prefill(tasks, lens)
             else:
-                logits = self._executor.execute_prefill(tasks, chunk_lens)
+                logits = self._executor.execute_decode(decode)
         except Exception as exc:
             logger.exception("batched forward failed for %d tasks", len(tasks))
             self._fail(tasks, f"model forward failed: {type(exc).__name__}: {exc}")
             return 0
-        for task, n in zip(tasks, chunk_lens or [1] * len(tasks), strict=True):
+        for task, n in zip(tasks, lens, strict=True):
             task.next_pos += n
-        if chunk_lens is not None:
-            for task in tasks:  # publish the freshly computed full pages to the prefix cache
-                self._page_cache.task_record_hashes(task.task_id, task.all_ids[: task.next_pos])
+        for task in prefill:  # publish the freshly computed full pages to the prefix cache
+            self._page_cache.task_record_hashes(task.task_id, task.all_ids[: task.next_pos])
         rows = [i for i, t in enumerate(tasks) if _pending(t) == 0]
         if not rows:
             return 0

@@ -65,9 +65,11 @@ class GQA(nn.Module):
         out = None
         if paged_cache is not None:
             paged_cache.write(self.layer_id, k, v)
-            if attn_mask is not None:  # None: a first prefill, whose own k, v are the history (build_attention_mask)
+            if paged_cache.packed:  # one unpadded row of every sequence's new tokens: the cache attends
+                out = paged_cache.attend(self.layer_id, q[0], k[0], v[0], self.head_dim**-0.5)  # (N, H, hd)
+            elif attn_mask is not None:  # None: a first prefill, its own k, v are the history (build_attention_mask)
                 if T == 1:  # a decode step: the cache may attend in place
-                    out = paged_cache.attend(self.layer_id, q[:, 0], self.head_dim**-0.5)  # (B, H, hd) or None
+                    out = paged_cache.attend(self.layer_id, q[:, 0], k[:, 0], v[:, 0], self.head_dim**-0.5)
                 if out is None:
                     k, v = paged_cache.gather(self.layer_id)  # (B, S, Hkv, hd): every cached position of each row
         if out is None:

@@ -95,6 +95,8 @@ class MLA(nn.Module):
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, rope): one key for all heads
 
         if paged_cache is not None:
+            if paged_cache.packed:
+                raise ValueError("MLA attention takes padded cache steps only (the KV-cache view is packed)")
             paged_cache.write(self.layer_id, latent, k_pe)
             if attn_mask is not None:  # None: a first prefill, its own entries are the history (sdpa module)
                 latent, k_pe = paged_cache.gather(self.layer_id)  # (B, S, kv_lora_rank), (B, S, rope)

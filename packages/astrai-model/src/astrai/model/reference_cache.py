@@ -88,6 +88,10 @@ class ContiguousKVView:
         """(B, S, ...) keys and values with S = max(seq_lens); slots >= seq_lens[b] are stale padding."""
         return self.cache.keys[layer_id][:, : self._S], self.cache.values[layer_id][:, : self._S]
 
-    def attend(self, layer_id: int, q: Tensor, scale: float) -> None:
+    @property
+    def packed(self) -> bool:
+        return False  # rows come right-padded
+
+    def attend(self, layer_id: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
         """No in-place path: attention gathers (the buffers are contiguous already, so gathering is free)."""
         return None

@@ -54,13 +54,23 @@ class AutoRegressiveLM(AutoModel, share_registry=True):
         """input_ids (B, T); input_mask (B, T) 1 = token, 0 = padding (left or right; with a cache, right);
         paged_cache: this step's KV-cache view; position_ids (B, T) absolute positions (derived when None);
         logits_index (B,): the one position per row whose logits are wanted (an inference engine samples
-        from each row's last token), so the LM head runs on B rows, not B * T; logits are then (B, 1, V)."""
+        from each row's last token), so the LM head runs on B rows, not B * T; logits are then (B, 1, V).
+
+        A packed cache view (`paged_cache.packed`) takes input_ids (1, N): every cached sequence's new tokens
+        back to back, with their `position_ids` (1, N) and no input_mask; `logits_index` (R,) then picks R of
+        the N tokens and logits are (R, 1, V)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        kv_lens = paged_cache.seq_lens if paged_cache is not None else None
-        if position_ids is None:
-            position_ids = default_position_ids(input_ids, input_mask, kv_lens)
-        mask = build_attention_mask(input_mask, position_ids, kv_lens, is_causal=True)  # None: plain causal
+        packed = paged_cache is not None and paged_cache.packed
+        if packed:
+            if input_ids.shape[0] != 1 or position_ids is None or input_mask is not None:
+                raise ValueError("a packed cache step takes input_ids (1, N) with position_ids and no input_mask")
+            mask = None  # the cache attends every query over its own sequence (KVCacheView.attend)
+        else:
+            kv_lens = paged_cache.seq_lens if paged_cache is not None else None
+            if position_ids is None:
+                position_ids = default_position_ids(input_ids, input_mask, kv_lens)
+            mask = build_attention_mask(input_mask, position_ids, kv_lens, is_causal=True)  # None: plain causal
         rotary_emb = self.rotary_embedding(input_ids, position_ids)  # (cos, sin), (B, T, rope_dim) float32
 
         h = self.embed_tokens(input_ids)  # (B, T, dim)
@@ -69,7 +79,7 @@ class AutoRegressiveLM(AutoModel, share_registry=True):
         h = self.norm(h)
         if logits_index is None:
             return {"logits": self.lm_head(h), "hidden_states": h}
-        picked = h[torch.arange(h.shape[0], device=h.device), logits_index]  # (B, dim)
+        picked = h[0, logits_index] if packed else h[torch.arange(h.shape[0], device=h.device), logits_index]
         return {"logits": self.lm_head(picked).unsqueeze(1), "hidden_states": h}
 
     @property

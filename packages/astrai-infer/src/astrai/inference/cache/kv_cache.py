@@ -28,7 +28,7 @@ from astrai.config import AutoRegressiveLMConfig
 from astrai.inference.cache.page_pool import PagePool
 from astrai.inference.cache.storage import Storage, cache_entry_shapes
 from astrai.inference.cache.task_table import TaskTable
-from astrai.inference.cache.view import KvcacheView
+from astrai.inference.cache.view import KvcacheView, in_place_supported
 
 
 class KVCache:
@@ -149,10 +149,21 @@ class KVCache:
         """
         return KvcacheView(self._storage, page_table, total_len, new_lens, max_len)
 
+    @property
+    def packs_steps(self) -> bool:
+        """Whether steps can be bound `packed` (one unpadded row of tokens; `KvcacheView`): the paged
+        attention kernel serves this cache."""
+        return in_place_supported(self._storage)
+
     def bind_tasks(
-        self, task_ids: Sequence[str], start_positions: Sequence[int], new_lens: Sequence[int]
+        self,
+        task_ids: Sequence[str],
+        start_positions: Sequence[int],
+        new_lens: Sequence[int],
+        packed: bool = False,
     ) -> KvcacheView:
-        """A view for one step where task `task_ids[b]` writes `new_lens[b]` entries from `start_positions[b]`."""
+        """A view for one step where task `task_ids[b]` writes `new_lens[b]` entries from `start_positions[b]`;
+        `packed`: the model gets the step's tokens as one unpadded row (needs `packs_steps`)."""
         if not len(task_ids) == len(start_positions) == len(new_lens):
             raise ValueError(
                 f"task_ids, start_positions and new_lens differ in length: "
@@ -168,7 +179,11 @@ class KVCache:
         totals = [s + n for s, n in zip(start_positions, new_lens, strict=True)]
         total = torch.tensor(totals, dtype=torch.int64, device=device)
         new = torch.tensor(list(new_lens), dtype=torch.int64, device=device)
-        return self.bind(self.make_table_tensor(task_ids), total, new, max(totals, default=0))
+        table = self.make_table_tensor(task_ids)
+        if packed:
+            rows = list(zip(start_positions, new_lens, strict=True))
+            return KvcacheView(self._storage, table, total, new, max(totals, default=0), packed_rows=rows)
+        return self.bind(table, total, new, max(totals, default=0))
 
     def reset_prefix_cache(self) -> None:
         """Never reuse KV computed so far for new tasks (call after the model's weights changed)."""

@@ -48,14 +48,14 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """True when `paged_decode_attention` can serve these tensors: on the CPU, float32 or bfloat16, a head size
-    that is a multiple of 16 up to 256, and the kernel built."""
-    head_dim = q.shape[-1]
+def supports_cache(k_cache: torch.Tensor) -> bool:
+    """True when `paged_decode_attention` can serve a cache of these entries (`(..., Hkv, d)`, queries of the
+    same dtype): on the CPU, float32 or bfloat16, a head size that is a multiple of 16 up to 256, and the
+    kernel built."""
+    head_dim = k_cache.shape[-1]
     return (
-        q.device.type == "cpu"
-        and q.dtype == k_cache.dtype
-        and q.dtype in _DTYPES
+        k_cache.device.type == "cpu"
+        and k_cache.dtype in _DTYPES
         and head_dim % _LANES == 0
         and head_dim <= _MAX_HEAD_DIM
         and available()

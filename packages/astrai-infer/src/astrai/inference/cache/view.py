@@ -4,8 +4,14 @@ The batch is ragged. Row b already has `total_len[b] - new_lens[b]` cached posit
 new entries this step, right-padded to the step's width T. `write(layer_id, k, v)` stores row b's first
 `new_lens[b]` entries at positions `total_len[b] - new_lens[b] ...` of that row's own pages; `gather(layer_id)`
 returns positions `0 .. total_len[b] - 1` of every row, right-padded to `S = max(total_len)`. In a decode step
-(one new token per row) `attend(layer_id, q, scale)` does the attention where the entries lie instead
+(one new token per row) `attend(layer_id, q, k, v, scale)` does the attention where the entries lie instead
 (`paged_attention`), so the history is never copied.
+
+A packed view (`packed_rows` given: each row's first position and new-token count, on the host) takes the
+step's tokens as one unpadded row, `(1, N, ...)`, row after row (see `astrai.protocols.KVCacheView`), and
+attends every query itself (`_PackedStep`): decodes through the kernel, prefill chunks by SDPA over their own
+or their row's gathered entries. A packed view needs the kernel (`in_place_supported`); the engine binds
+padded steps otherwise.
 
 Slot indices depend only on the page tables and lengths, not on the layer, so they are computed once per
 step (on the first `write`, when T is known, and on the first `gather`) and reused by every layer.
@@ -13,10 +19,19 @@ step (on the first `write`, when T is known, and on the first `gather`) and reus
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from astrai.inference.cache.paged_attention import paged_decode_attention, supports
+from astrai.inference.cache.paged_attention import paged_decode_attention, supports_cache
 from astrai.inference.cache.storage import Storage
+from astrai.model.sdpa import sdpa
+
+
+def in_place_supported(storage: Storage) -> bool:
+    """Whether `attend` can read this storage in place: per-head entries, equal for k and v (GQA's layout),
+    in a dtype, head size and device the kernel serves."""
+    return len(storage.k_shape) == 2 and storage.k_shape == storage.v_shape and supports_cache(storage.k_cache)
 
 
 class KvcacheView:
@@ -29,9 +44,11 @@ class KvcacheView:
         total_len: torch.Tensor,
         new_lens: torch.Tensor,
         max_len: int | None = None,
+        packed_rows: Sequence[tuple[int, int]] | None = None,
     ):
         # page_table: (B, P) int64, -1 past each row's pages; total_len, new_lens: (B,) int64;
-        # max_len: max(total_len) if the caller knows it (spares a device-to-host sync).
+        # max_len: max(total_len) if the caller knows it (spares a device-to-host sync);
+        # packed_rows: (first position, new tokens) of every row for a packed step, None for a padded one.
         self._storage = storage
         self._page_table = page_table
         self._total_len = total_len
@@ -39,7 +56,8 @@ class KvcacheView:
         self._start = total_len - new_lens  # (B,) first position written this step
         self._max_len = max_len
         self._read_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # k and v row indices, on first gather
-        self._write_slots: torch.Tensor | None = None  # (B, T), set by the first write
+        self._write_slots: torch.Tensor | None = None  # (B, T), set by the first write of a padded step
+        self._packed = None if packed_rows is None else _PackedStep(storage, page_table, packed_rows)
 
     @property
     def seq_lens(self) -> torch.Tensor:
@@ -47,12 +65,21 @@ class KvcacheView:
         return self._total_len
 
     @property
+    def packed(self) -> bool:
+        """True when the step's tokens come as one unpadded row (1, N, ...), row after row."""
+        return self._packed is not None
+
+    @property
     def start_pos(self) -> torch.Tensor:
         """(B,) absolute position of each row's first new entry this step."""
         return self._start
 
     def write(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store this step's entries, `k` (B, T, *k_shape) and `v` (B, T, *v_shape), right-padded rows."""
+        """Store this step's entries, `k` (B, T, *k_shape) and `v` (B, T, *v_shape), right-padded rows (a
+        packed step: (1, N, ...), row after row)."""
+        if self._packed is not None:
+            self._storage.write_slots(layer_id, self._packed.slots, k[0], v[0])
+            return
         steps = k.shape[1]
         if self._write_slots is None or self._write_slots.shape[1] != steps:
             self._write_slots = self._storage.write_index(self._page_table, self._start, self._new_lens, steps)
@@ -65,12 +92,94 @@ class KvcacheView:
             self._read_rows = self._storage.read_index(self._page_table, self._total_len, self._max_len)
         return self._storage.read_slots(layer_id, *self._read_rows)
 
-    def attend(self, layer_id: int, q: torch.Tensor, scale: float) -> torch.Tensor | None:
-        """Decode attention read in place from the pages (`paged_attention`): q (B, H, d), one query per row
-        at its last position -> (B, H, d); None where the kernel does not serve this cache (then gather)."""
+    def attend(
+        self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        """Attention read in place from the pages (`paged_attention`): q (N, H, d) the step's queries, k, v
+        (N, Hkv, d) their entries as written -> (N, H, d). A padded step must be a decode (one query per row,
+        at its last position); it gets None where the kernel does not serve this cache (then gather)."""
         storage = self._storage
-        if len(storage.k_shape) != 2 or storage.k_shape != storage.v_shape or not supports(q, storage.k_cache):
+        if self._packed is not None:
+            return self._packed.attend(layer_id, q, k, v, scale)
+        if not (in_place_supported(storage) and q.dtype == storage.dtype and q.device == storage.device):
             return None
         return paged_decode_attention(
             q, storage.k_cache[layer_id], storage.v_cache[layer_id], self._page_table, self._total_len, scale
         )
+
+
+class _PackedStep:
+    """Where a packed step's tokens go and how each query attends: computed once, used by every layer.
+
+    A chunk with nothing cached before it attends over its own entries (causal SDPA). A continued chunk of
+    at least `_GATHER_CHUNK` tokens gathers its row's entries and attends with SDPA under a mask (a matrix
+    product beats reading the history once per query). Every other token (decodes, short continued chunks)
+    goes through the kernel, over its row's pages up to its own position.
+    """
+
+    def __init__(self, storage: Storage, page_table: torch.Tensor, rows: Sequence[tuple[int, int]]):
+        if not in_place_supported(storage):
+            raise ValueError("a packed step needs the paged attention kernel for this cache (in_place_supported)")
+        self._storage = storage
+        device = page_table.device
+        starts = torch.tensor([s for s, _ in rows], dtype=torch.int64, device=device)
+        self.causal: list[tuple[int, int]] = []  # token ranges of first chunks
+        self.gathered: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []  # + reads, mask
+        self.kernel_tokens: torch.Tensor | None = None  # None: every token
+        if all(n == 1 for _, n in rows):  # a decode step: one token per row, all through the kernel
+            self.slots = storage.write_index(page_table, starts, None, 1)[:, 0]
+            self.tables, self.lens = page_table, starts + 1
+            return
+        counts = torch.tensor([n for _, n in rows], dtype=torch.int64, device=device)
+        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)  # (N,) row of each token
+        first = torch.cumsum(counts, 0) - counts  # (B,) index of each row's first token
+        positions = starts[row_of] + torch.arange(row_of.shape[0], device=device) - first[row_of]  # (N,)
+        tables = page_table.index_select(0, row_of)  # (N, P): each token's row's page table
+        self.slots = storage.write_index(tables, positions, None, 1)[:, 0]  # (N,) flat write slots
+        in_kernel = torch.ones(row_of.shape[0], dtype=torch.bool)
+        offset = 0
+        for b, (start, n) in enumerate(rows):
+            lo, hi = offset, offset + n
+            offset = hi
+            if start == 0 and n > 1:
+                self.causal.append((lo, hi))
+            elif n >= _GATHER_CHUNK:
+                reads = storage.read_index(page_table[b : b + 1], start + n, start + n)
+                keys = torch.arange(start + n, device=device)
+                mask = keys[None, :] <= torch.arange(start, start + n, device=device)[:, None]  # (n, S)
+                self.gathered.append((lo, hi, reads, mask[None, None]))
+            else:
+                continue  # through the kernel
+            in_kernel[lo:hi] = False
+        if not bool(in_kernel.all()):
+            self.kernel_tokens = in_kernel.nonzero()[:, 0].to(device)
+            tables, positions = tables[self.kernel_tokens], positions[self.kernel_tokens]
+        self.tables, self.lens = tables, positions + 1
+
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q (N, H, d), this step's k, v (N, Hkv, d) -> (N, H, d)."""
+        k_cache, v_cache = self._storage.k_cache[layer_id], self._storage.v_cache[layer_id]
+        if self.kernel_tokens is None:
+            return paged_decode_attention(q, k_cache, v_cache, self.tables, self.lens, scale)
+        if self.causal == [(0, q.shape[0])]:  # one first chunk and nothing else
+            return _sdpa(q, k, v, None, scale)
+        out = torch.empty_like(q)
+        if self.kernel_tokens.numel():
+            rows = self.kernel_tokens
+            out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, self.tables, self.lens, scale)
+        for lo, hi in self.causal:
+            out[lo:hi] = _sdpa(q[lo:hi], k[lo:hi], v[lo:hi], None, scale)
+        for lo, hi, reads, mask in self.gathered:
+            keys, values = self._storage.read_slots(layer_id, *reads)  # (1, S, Hkv, d)
+            out[lo:hi] = _sdpa(q[lo:hi], keys[0], values[0], mask, scale)
+        return out
+
+
+_GATHER_CHUNK = 16  # continued chunks of at least this many tokens attend over their gathered row (see above)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention of one chunk's queries q (T, H, d) over k, v (S, Hkv, d): causal over its own entries when
+    `mask` is None, else under the (1, 1, T, S) mask -> (T, H, d)."""
+    out = sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, True, scale)
+    return out[0].transpose(0, 1)
