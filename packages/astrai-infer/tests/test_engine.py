@@ -36,20 +36,30 @@ def _check_clean(engine):
     engine.scheduler.page_cache.check_invariants()
 
 
-@pytest.mark.parametrize("in_place", [True, False], ids=["paged-attention-kernel", "gathered-history"])
+@pytest.mark.parametrize(
+    "in_place, budget",
+    [(True, 8), (True, 20), (False, 8)],
+    ids=["packed-8-token-chunks", "packed-20-token-chunks", "padded-gathered-history"],
+)
 def test_greedy_matches_naive_recompute_with_prefix_hits_chunking_and_preemption(
-    make_engine, naive_greedy, monkeypatch, in_place
+    make_engine, naive_greedy, monkeypatch, in_place, budget
 ):
-    # Pages of 4 tokens, 8-token prefill chunks, and 20 pages for 10 concurrent requests of up to 64 tokens:
-    # long prompts are chunked, the shared 10-token system prompt is served from the prefix cache, and the
-    # cache runs out of pages, so the newest requests get preempted and recomputed. Steps are packed and attend
-    # in place (the kernel), or, where the kernel does not serve the cache, padded over the gathered history.
-    decode_rows = []
-    kernel = view_module.paged_decode_attention
+    # Pages of 4 tokens, 8- or 20-token prefill chunks, and 20 pages for 10 concurrent requests of up to 64
+    # tokens: long prompts are chunked, the shared 10-token system prompt is served from the prefix cache, and
+    # the cache runs out of pages, so the newest requests get preempted and recomputed. Steps are packed and
+    # attend in place (the kernel; continued chunks of 16+ tokens over their gathered row), or, where the
+    # kernel does not serve the cache, padded over the gathered history.
+    decode_rows, gathered_chunks = [], []
+    kernel, chunk_sdpa = view_module.paged_decode_attention, view_module._sdpa
     monkeypatch.setattr(view_module, "paged_decode_attention", lambda *a: decode_rows.append(len(a[0])) or kernel(*a))
+    monkeypatch.setattr(
+        view_module,
+        "_sdpa",
+        lambda q, k, v, mask, scale: gathered_chunks.append(mask is not None) or chunk_sdpa(q, k, v, mask, scale),
+    )
     if not in_place:
         monkeypatch.setattr(view_module, "supports_cache", lambda cache: False)
-    engine = make_engine(max_batch_size=10, max_seq_len=64, page_size=4, num_pages=20, max_prefill_tokens=8)
+    engine = make_engine(max_batch_size=10, max_seq_len=64, page_size=4, num_pages=20, max_prefill_tokens=budget)
     packed = in_place and paged_attention.available()  # steps are then one unpadded forward each
     assert engine.scheduler.executor.packs_steps is packed
     rng = random.Random(0)
@@ -68,20 +78,23 @@ def test_greedy_matches_naive_recompute_with_prefix_hits_chunking_and_preemption
     _check_clean(engine)
     if packed:
         assert max(decode_rows) > 1  # batched queries attended in place
+        assert any(gathered_chunks) is (budget == 20)  # continued chunks of 16+ tokens attend over their row
     else:
-        assert not decode_rows
+        assert not decode_rows and not gathered_chunks
 
 
 @pytest.mark.parametrize(
     "layout",
     [
         dict(attn_type="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, n_kv_heads=4),
-        dict(ffn_type="moe", n_routed_experts=4, n_activated_experts=2, n_shared_experts=1),
+        dict(ffn_type="moe", n_routed_experts=4, n_activated_experts=2, n_shared_experts=1, dim=64),
+        dict(use_qk_norm=True, use_gated_attention=True, attn_bias=True, tie_weight=True, dim=64),
     ],
-    ids=["mla", "moe"],
+    ids=["mla", "moe", "qk-norm-gated-tied"],
 )
-def test_mla_and_moe_models_match_naive_recompute(tokenizer, layout, naive_greedy):
-    # MLA caches the KV latent and the shared RoPE key, not per-head K/V: the engine must not care.
+def test_model_variants_match_naive_recompute(tokenizer, layout, naive_greedy):
+    # MLA caches the KV latent and the shared RoPE key, not per-head K/V (its steps are padded); the others
+    # have 16-channel heads, so their steps are packed. The engine must not care.
     config = AutoRegressiveLMConfig(
         **{**dict(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=64), **layout},
         max_len=128,
@@ -370,6 +383,32 @@ def test_a_failing_forward_fails_its_batch_and_the_loop_goes_on(make_engine, nai
     _, events = _drain(engine.submit([1, 2, 3], SamplingParams(max_tokens=5, **GREEDY)))
     assert events[-1].finish_reason == "error" and "injected forward failure" in events[-1].error
     assert engine.generate([1, 2, 3], max_tokens=5, **GREEDY) == naive_greedy([1, 2, 3], 5)
+    assert engine.get_stats()["requests_failed"] == 1
+    _check_clean(engine)
+
+
+def test_a_failing_chunk_fails_only_its_request_while_others_decode(make_engine, naive_greedy):
+    # A packed step holds the decodes and the new request's prefill chunk in one forward: when it fails, the
+    # loop runs the parts alone and fails only the part that fails again.
+    engine = make_engine(max_seq_len=64)
+    executor = engine.scheduler.executor
+    real = executor.execute_prefill
+    poison = [9, 9, 9, 9, 9, 9]
+
+    def prefill(tasks, lens):
+        if any(t.all_ids[: len(poison)] == poison for t in tasks):
+            raise RuntimeError("injected forward failure")
+        return real(tasks, lens)
+
+    executor.execute_prefill = prefill
+    decoding = engine.submit([1, 2, 3], SamplingParams(max_tokens=12, **GREEDY))
+    events = decoding.iter_sync()
+    first = next(events)  # the first request is decoding now
+    _, failed = _drain(engine.submit(poison, SamplingParams(max_tokens=5, **GREEDY)))
+    assert failed[-1].finish_reason == "error" and "injected forward failure" in failed[-1].error
+    rest = list(events)
+    assert [t for e in [first, *rest] for t in e.token_ids] == naive_greedy([1, 2, 3], 12)
+    assert rest[-1].finish_reason == "length"
     assert engine.get_stats()["requests_failed"] == 1
     _check_clean(engine)
 

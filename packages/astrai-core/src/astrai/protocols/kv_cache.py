@@ -44,7 +44,7 @@ class KVCacheView(Protocol):
         ...
 
     def write(self, layer_id: int, k: Any, v: Any) -> None:
-        """Store this step's entries (B, T, ...) for `layer_id`."""
+        """Store this step's entries (B, T, ...) for `layer_id` ((1, N, ...) for a packed step)."""
         ...
 
     def gather(self, layer_id: int) -> tuple[Any, Any]:

@@ -15,17 +15,20 @@ A step, repeated while there is work (the thread sleeps on a condition otherwise
    that does not fit waits at the head; the loop retries when the next step has changed something.
 4. **Run** one forward for the whole step when the cache takes packed steps (the CPU paged attention
    kernel serves it): every prefill chunk and every decode, back to back in one unpadded row, so no token is
-   padding and the decodes ride along with the prefill. Otherwise (MLA, CUDA, float16) the prefill chunks run
-   first, sharing a forward only while right-padding them to the longest wastes at most a quarter of its
-   tokens (on a CPU prefill is compute-bound, so padding is pure loss; a lone long chunk runs alone), then one
-   forward for all decodes (one token per row, each row at its own position). A task whose sequence is now
+   padding and the decodes ride along with the prefill. Otherwise (MLA, CUDA, float16, head sizes the kernel
+   does not take, no C compiler, `ASTRAI_NATIVE_KERNELS=0`) the prefill chunks run first, sharing a forward
+   only while right-padding them to the longest wastes at most a quarter of its tokens (on a CPU prefill is
+   compute-bound, so padding is pure loss; a lone long chunk runs alone), then one forward for all decodes
+   (one token per row, each row at its own position). A task whose sequence is now
    fully in the cache samples its next token from the logits of its last token, so the first generated token
    comes from the prefill itself (defect 1 of the original).
 5. **Emit**: each sampled token is checked against the task's stop tokens, `max_tokens` and stop strings and
    streamed as text; finished tasks free their pages (their full pages stay in the prefix cache).
 
-Failures stay local: an exception while handling one task fails that task ("error"); an exception in a
-batched forward fails the tasks of that batch; anything else fails the running tasks; the loop carries on.
+Failures stay local: an exception while handling one task fails that task ("error"); a batched forward that
+fails is run again in parts (each prefill chunk alone, the decodes together; a forward's cache writes are
+idempotent) and the part that fails again fails its tasks; anything else fails the running tasks; the loop
+carries on.
 When the loop stops (`stop()`), every task it still holds gets a final "cancelled" event.
 """
 
@@ -314,6 +317,10 @@ class InferenceScheduler:
             else:
                 logits = self._executor.execute_decode(decode)
         except Exception as exc:
+            if prefill and len(tasks) > 1:  # find the culprit: each chunk alone, the decodes together
+                logger.warning("batched forward failed for %d tasks (%s); running its parts alone", len(tasks), exc)
+                parts = [([task], [n], []) for task, n in zip(prefill, chunk_lens, strict=True)]
+                return sum(self._run(*part) for part in parts + ([([], [], decode)] if decode else []))
             logger.exception("batched forward failed for %d tasks", len(tasks))
             self._fail(tasks, f"model forward failed: {type(exc).__name__}: {exc}")
             return 0

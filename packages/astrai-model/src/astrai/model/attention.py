@@ -2,8 +2,9 @@
 
 Per layer: project to `n_heads` query heads and `n_kv_heads` key/value heads of `head_dim` channels
 (optional q/k/v bias, as Qwen2), optionally RMS-normalise q and k per head **before** RoPE (Qwen3 / OLMo-2
-order), rotate q and k, read and extend the KV cache when one is given, attend with SDPA, optionally gate
-the merged heads with `sigmoid(gate(x))`, and project back to `dim`.
+order), rotate q and k, read and extend the KV cache when one is given, attend with SDPA (or let a packed
+cache view attend, `astrai.protocols.KVCacheView`), optionally gate the merged heads with `sigmoid(gate(x))`,
+and project back to `dim`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class GQA(nn.Module):
             paged_cache.write(self.layer_id, k, v)
             if paged_cache.packed:  # one unpadded row of every sequence's new tokens: the cache attends
                 out = paged_cache.attend(self.layer_id, q[0], k[0], v[0], self.head_dim**-0.5)  # (N, H, hd)
+                if out is None:  # SDPA over the row would mix the sequences
+                    raise RuntimeError("a packed KV-cache view returned no attention (KVCacheView.attend)")
             elif attn_mask is not None:  # None: a first prefill, its own k, v are the history (build_attention_mask)
                 if T == 1:  # a decode step: the cache may attend in place
                     out = paged_cache.attend(self.layer_id, q[:, 0], k[:, 0], v[:, 0], self.head_dim**-0.5)

@@ -2,7 +2,8 @@
 
 It combines a `PagePool` (reference-counted physical pages, LRU of reusable pages, exact-prefix index), a
 `Storage` (the page tensors) and a `TaskTable` (each task's logical -> physical page list). Per step the
-loop `bind`s the batch's page tables into a `KvcacheView` and hands it to the model as `paged_cache`.
+loop binds the batch's page tables (`bind_tasks`, padded or packed) into a `KvcacheView` and hands it to the
+model as `paged_cache`.
 
 Life of a task's pages:
 1. `task_alloc(task_id, prompt_ids)` takes the longest cached prefix (whole pages, exact tokens) and fresh

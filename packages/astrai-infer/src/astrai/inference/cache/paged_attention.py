@@ -1,4 +1,6 @@
-"""Decode attention read in place from the paged KV cache (a small C kernel, built on first use).
+"""Attention read in place from the paged KV cache (a small C kernel, built on first use): one query per row
+over that row's cached positions. It serves decodes, and in packed steps (`astrai.inference.cache.view`) also
+each query of a short continued prefill chunk, over its row's positions up to its own.
 
 Without it a decode step gathers every row's whole history out of the pages, for every layer (a copy as large
 as the cache it reads), before attention reads that copy again. On a CPU the copy and the second read cost more
@@ -7,13 +9,13 @@ where it lies (keys for the scores, then values for the weighted sum), every que
 read.
 
 The kernel is `paged_attention.c` beside this file, compiled with the machine's C compiler (`$CC`, else `cc`,
-`gcc`) for this CPU on first use and kept in `$ASTRAI_CACHE_DIR/kernels` (default `~/.cache/astrai/kernels`) under a name
-that hashes the source, the flags and the CPU, so an edit or another machine builds afresh. It runs its
-parallel loop on the OpenMP runtime torch already loaded (the same `libgomp.so.1`), so it shares torch's
-threads rather than starting a second pool. Where there is no compiler, no OpenMP in torch, or the build
-fails (a warning says why), `available()` is False and callers gather instead; `ASTRAI_NATIVE_KERNELS=0`
-turns it off on purpose. It covers float32 and bfloat16 caches on the CPU; the test suite checks it against
-the gather + softmax reference.
+`gcc`) for this CPU on first use and kept in `$ASTRAI_CACHE_DIR/kernels` (default `~/.cache/astrai/kernels`)
+under a name that hashes the source, the flags and the CPU, so an edit or another machine builds afresh. It
+runs its parallel loop on the OpenMP runtime torch already loaded (the same `libgomp.so.1`), so it shares
+torch's threads rather than starting a second pool. Where there is no compiler, no OpenMP in torch, or the
+build fails (a warning says why), `available()` is False and the engine runs padded steps that gather the
+history instead; `ASTRAI_NATIVE_KERNELS=0` turns it off on purpose. It covers float32 and bfloat16 caches on
+the CPU; the test suite checks it against the gather + softmax reference.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ or their row's gathered entries. A packed view needs the kernel (`in_place_suppo
 padded steps otherwise.
 
 Slot indices depend only on the page tables and lengths, not on the layer, so they are computed once per
-step (on the first `write`, when T is known, and on the first `gather`) and reused by every layer.
+step (padded: on the first `write`, when T is known, and on the first `gather`; packed: when bound) and reused
+by every layer.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ class _PackedStep:
     def __init__(self, storage: Storage, page_table: torch.Tensor, rows: Sequence[tuple[int, int]]):
         if not in_place_supported(storage):
             raise ValueError("a packed step needs the paged attention kernel for this cache (in_place_supported)")
+        if any(n < 1 for _, n in rows):
+            raise ValueError(f"packed rows {list(rows)}: every row brings at least one token")
         self._storage = storage
         device = page_table.device
         starts = torch.tensor([s for s, _ in rows], dtype=torch.int64, device=device)
