@@ -11,7 +11,6 @@ import torch
 import astrai.inference.cache.paged_attention as pa
 from astrai.config import AutoRegressiveLMConfig
 from astrai.inference.cache import KVCache
-from astrai.inference.cache.storage import Storage
 from astrai.model.sdpa import build_attention_mask, sdpa
 
 HAS_COMPILER = platform.system() == "Linux" and any(shutil.which(c) for c in ("cc", "gcc"))
@@ -202,8 +201,9 @@ def test_view_attend_equals_gather_then_sdpa():
         mask = (torch.arange(k.shape[1])[None, :] < step.seq_lens[:, None])[:, None, None, :]
         gathered = sdpa(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), mask, True, scale=0.25)[:, :, 0]
         torch.testing.assert_close(in_place, gathered, atol=2e-6, rtol=2e-5)
-    half = cache.bind_tasks(["t0"], [lens[0]], [1])
-    half._storage = Storage(2, 40, 8, (2, 16), (2, 16), dtype=torch.float16)
+    half_cache = KVCache.from_config(config, num_pages=4, page_size=8, dtype=torch.float16)
+    assert half_cache.task_alloc("t", [1, 2]) and not half_cache.packs_steps
+    half = half_cache.bind_tasks(["t"], [1], [1])
     assert half.attend(0, q[:1].half(), k_new[:1, 0].half(), v_new[:1, 0].half(), 0.25) is None  # the model gathers
 
 

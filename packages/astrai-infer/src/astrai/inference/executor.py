@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from astrai.inference.cache import KVCache, paged_attention
+from astrai.inference.cache import KVCache
 from astrai.inference.sampling import GREEDY_TEMPERATURE, SamplingPipeline
 from astrai.inference.task import Task
 from astrai.model import pack_linear_weights
@@ -46,9 +46,8 @@ class Executor:
         self.page_cache = page_cache
         self.device = device if device is not None else next(model.parameters()).device
         self.packed_layers = pack_linear_weights(model) if pack_weights else 0  # CPU only; see astrai.model.linear
-        if self.device.type == "cpu":
-            paged_attention.available()  # build (or load) the decode attention kernel now, not in a request
-        self.packs_steps = page_cache.packs_steps  # after the build: it needs the kernel
+        # Asking builds (or loads) the paged attention kernel now, not in a request, where it serves this cache.
+        self.packs_steps = page_cache.packs_steps
 
     def close(self) -> None:
         """Drop the packed weight copies (if any)."""
