@@ -50,8 +50,10 @@ def test_greedy_matches_naive_recompute_with_prefix_hits_chunking_and_preemption
     # attend in place (the kernel; continued chunks of 16+ tokens over their gathered row), or, where the
     # kernel does not serve the cache, padded over the gathered history.
     decode_rows, gathered_chunks = [], []
-    kernel, chunk_sdpa = view_module.paged_decode_attention, view_module._sdpa
-    monkeypatch.setattr(view_module, "paged_decode_attention", lambda *a: decode_rows.append(len(a[0])) or kernel(*a))
+    kernel, chunk_sdpa = view_module.PagedRows.attend, view_module._sdpa
+    monkeypatch.setattr(
+        view_module.PagedRows, "attend", lambda rows, q, *a: decode_rows.append(len(q)) or kernel(rows, q, *a)
+    )
     monkeypatch.setattr(
         view_module,
         "_sdpa",

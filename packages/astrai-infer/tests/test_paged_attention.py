@@ -3,7 +3,6 @@ build cache, and `KvcacheView.attend` (the engine's greedy-vs-naive test runs de
 
 import platform
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -140,19 +139,9 @@ def test_bad_arguments_raise_value_error():
     assert not pa.supports_cache(k_cache[..., :8])
 
 
-def test_the_build_is_cached_by_source_and_can_be_turned_off(tmp_path, monkeypatch):
-    monkeypatch.setenv("ASTRAI_CACHE_DIR", str(tmp_path))
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    first = pa._build(compiler)
-    assert first.parent == tmp_path / "kernels" and first.exists()
-    stamp = first.stat().st_mtime_ns
-    assert pa._build(compiler) == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
-    edited = tmp_path / "edited.c"
-    edited.write_text(pa._SOURCE.read_text() + "\n/* an edit */\n")
-    monkeypatch.setattr(pa, "_SOURCE", edited)
-    assert pa._build(compiler) != first  # a changed source builds afresh
-    assert sorted(p.suffix for p in (tmp_path / "kernels").iterdir()) == [".so", ".so"]  # no temporary left
-
+def test_without_the_kernel_available_says_so(monkeypatch):
+    """Turned off, or a build that fails: `available()` is False with a warning naming this kernel, and the
+    engine gathers instead (the build cache itself: astrai-model's test_native.py)."""
     pa._library.cache_clear()
     try:
         monkeypatch.setenv("ASTRAI_NATIVE_KERNELS", "0")
@@ -162,19 +151,7 @@ def test_the_build_is_cached_by_source_and_can_be_turned_off(tmp_path, monkeypat
         monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails: a warning, then the gather path
         with pytest.warns(UserWarning, match="paged attention kernel not built"):
             assert not pa.available()
-        pa._library.cache_clear()
-        monkeypatch.setenv("ASTRAI_CACHE_DIR", str(tmp_path / "elsewhere"))  # nothing built there yet
-
-        builds = []
-
-        def too_slow(*args, **kwargs):
-            builds.append(args[0])
-            raise subprocess.TimeoutExpired(args[0], 120)
-
-        monkeypatch.setattr(pa.subprocess, "run", too_slow)
-        with pytest.warns(UserWarning, match="paged attention kernel not built"):
-            assert not pa.available()  # a build that times out falls back too, and is not retried
-        assert not pa.available() and len(builds) == 1
+        assert not pa.available()  # not retried
     finally:
         pa._library.cache_clear()
 

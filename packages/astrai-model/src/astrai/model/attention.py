@@ -16,7 +16,7 @@ from astrai.config import AutoRegressiveLMConfig, EncoderConfig
 from astrai.model.factories import AttnFactory
 from astrai.model.linear import Linear, fused_linear
 from astrai.model.norm import RMSNorm
-from astrai.model.rope import apply_rotary_emb
+from astrai.model.rope import rotate_qk
 from astrai.model.sdpa import sdpa
 from astrai.protocols import KVCacheView
 
@@ -62,7 +62,7 @@ class GQA(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_emb(torch.cat((q, k), dim=2), *rotary_emb).split((self.n_heads, self.n_kv_heads), dim=2)
+        q, k = rotate_qk(q, k, *rotary_emb)
         out = None
         if paged_cache is not None:
             paged_cache.write(self.layer_id, k, v)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from astrai.model.native import fused
+
 
 def rotate_half(x: Tensor) -> Tensor:
     """(..., d) -> (..., d): `[x1, x2] -> [-x2, x1]` with `x1, x2` the two halves of the last dimension."""
@@ -33,6 +35,17 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, d): same angle for every head
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """`apply_rotary_emb` of queries q (B, T, H, d) and keys k (B, T, Hkv, d) by the same angles: one fused
+    kernel under `torch.inference_mode()` on the CPU (`astrai.model.native.fused`, bit for bit the same),
+    else one rotation of both concatenated."""
+    rotated = fused.rotary(q, k, cos, sin)
+    if rotated is not None:
+        return rotated
+    q, k = apply_rotary_emb(torch.cat((q, k), dim=2), cos, sin).split((q.shape[2], k.shape[2]), dim=2)
+    return q, k
 
 
 class RotaryEmbedding(nn.Module):

@@ -14,44 +14,9 @@
  * itself uses (see paged_attention.py). SIMD through GCC/Clang vector extensions, 16 float32 lanes.
  */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-typedef uint16_t bf16;
-/* 16 floats as one SIMD value (GCC/Clang vector extensions: AVX-512 registers, or two AVX halves). */
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(64)));
-#define LANES 16
-
-static inline bf16 float_to_bf16(float f) {  /* round to nearest even, as torch */
-    union { uint32_t u; float f; } c = { .f = f };
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (bf16)((c.u >> 16) | 0x40u);  /* NaN stays NaN */
-    return (bf16)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
-}
-
-/* 16 elements at `src` (float32, or bfloat16 widened) as float32; unaligned loads. */
-static inline vf load16(const void *src, int is_bf16) {
-    vf out;
-    if (is_bf16) {
-        vh h;
-        memcpy(&h, src, sizeof h);
-        vu widened = __builtin_convertvector(h, vu) << 16;
-        memcpy(&out, &widened, sizeof out);
-    } else {
-        memcpy(&out, src, sizeof out);
-    }
-    return out;
-}
-
-static inline float sum16(vf v) {
-    vf a = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    vf b = a + __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
-    vf c = b + __builtin_shufflevector(b, b, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
-    return c[0] + c[1];
-}
+#include "simd.h" /* astrai/model/native: vector types, bfloat16, load16, sum16, exp16 */
 
 static inline vf max16(vf a, vf b) { /* NaN in a propagates (as torch's max), so a NaN score gives NaN */
     vi a_wins = (a > b) | (a != a);
@@ -63,28 +28,6 @@ static inline float reduce_max16(vf v) {
     vf b = max16(a, __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3));
     vf c = max16(b, __builtin_shufflevector(b, b, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1));
     return c[0] > c[1] || c[0] != c[0] ? c[0] : c[1];
-}
-
-/* e^x for x <= 0, 16 at a time (Cephes expf: Cody-Waite reduction, degree-6 polynomial; about 1 ulp).
- * Below -87 it gives e^-87 (~1.6e-38) rather than 0, which cannot change a sum that contains e^0 = 1; NaN
- * stays NaN. */
-static inline vf exp16(vf x) {
-    vi low = x < -87.0f;
-    x = (vf)(((vi)x & ~low) | ((vi)((vf){0} - 87.0f) & low));
-    vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi); /* round(x / ln 2), as x <= 0 */
-    vf nf = __builtin_convertvector(n, vf);
-    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * (vf)((vu)(n + 127) << 23); /* 2^n; unsigned, so a NaN's n cannot overflow a signed shift */
-}
-
-static inline const void *element(const void *base, int64_t index, int is_bf16) {
-    return (const char *)base + index * (is_bf16 ? 2 : 4);
 }
 
 /* out[i] = sum of the lanes of v[i], for 16 vectors at once (a transposing tree: 3 operations per vector

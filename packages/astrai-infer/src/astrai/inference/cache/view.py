@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from astrai.inference.cache.paged_attention import paged_decode_attention, supports_cache
+from astrai.inference.cache.paged_attention import PagedRows, supports_cache
 from astrai.inference.cache.storage import Storage
 from astrai.model.sdpa import sdpa
 
@@ -58,6 +58,7 @@ class KvcacheView:
         self._max_len = max_len
         self._read_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # k and v row indices, on first gather
         self._write_slots: torch.Tensor | None = None  # (B, T), set by the first write of a padded step
+        self._decode_rows: PagedRows | None = None  # a padded decode step's rows for the kernel, on first attend
         self._packed = None if packed_rows is None else _PackedStep(storage, page_table, packed_rows)
 
     @property
@@ -104,9 +105,9 @@ class KvcacheView:
             return self._packed.attend(layer_id, q, k, v, scale)
         if not (in_place_supported(storage) and q.dtype == storage.dtype and q.device == storage.device):
             return None
-        return paged_decode_attention(
-            q, storage.k_cache[layer_id], storage.v_cache[layer_id], self._page_table, self._total_len, scale
-        )
+        if self._decode_rows is None:
+            self._decode_rows = PagedRows(self._page_table, self._total_len, storage.page_size)
+        return self._decode_rows.attend(q, storage.k_cache[layer_id], storage.v_cache[layer_id], scale)
 
 
 class _PackedStep:
@@ -131,7 +132,7 @@ class _PackedStep:
         self.kernel_tokens: torch.Tensor | None = None  # None: every token
         if all(n == 1 for _, n in rows):  # a decode step: one token per row, all through the kernel
             self.slots = storage.write_index(page_table, starts, None, 1)[:, 0]
-            self.tables, self.lens = page_table, starts + 1
+            self.kernel_rows = PagedRows(page_table, starts + 1, storage.page_size)
             return
         counts = torch.tensor([n for _, n in rows], dtype=torch.int64, device=device)
         row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)  # (N,) row of each token
@@ -157,19 +158,19 @@ class _PackedStep:
         if not bool(in_kernel.all()):
             self.kernel_tokens = in_kernel.nonzero()[:, 0].to(device)
             tables, positions = tables[self.kernel_tokens], positions[self.kernel_tokens]
-        self.tables, self.lens = tables, positions + 1
+        self.kernel_rows = PagedRows(tables, positions + 1, storage.page_size)
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q (N, H, d), this step's k, v (N, Hkv, d) -> (N, H, d)."""
         k_cache, v_cache = self._storage.k_cache[layer_id], self._storage.v_cache[layer_id]
         if self.kernel_tokens is None:
-            return paged_decode_attention(q, k_cache, v_cache, self.tables, self.lens, scale)
+            return self.kernel_rows.attend(q, k_cache, v_cache, scale)
         if self.causal == [(0, q.shape[0])]:  # one first chunk and nothing else
             return _sdpa(q, k, v, None, scale)
         out = torch.empty_like(q)
         if self.kernel_tokens.numel():
             rows = self.kernel_tokens
-            out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, self.tables, self.lens, scale)
+            out[rows] = self.kernel_rows.attend(q[rows], k_cache, v_cache, scale)
         for lo, hi in self.causal:
             out[lo:hi] = _sdpa(q[lo:hi], k[lo:hi], v[lo:hi], None, scale)
         for lo, hi, reads, mask in self.gathered:

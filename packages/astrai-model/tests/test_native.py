@@ -1,0 +1,165 @@
+"""The C kernels' build cache (`astrai.model.native.build`) and the fused CPU kernels (`native.fused`) against
+the torch expressions they replace, alone and inside the model's layers."""
+
+import platform
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from astrai.model import AutoRegressiveLM, RMSNorm
+from astrai.model.native import build, fused
+from astrai.model.rope import apply_rotary_emb
+
+HAS_COMPILER = platform.system() == "Linux" and any(shutil.which(c) for c in ("cc", "gcc"))
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="the kernels are built with a C compiler on Linux")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _close(got, expected):
+    """float32: within a few ulps (a sum in another order); bfloat16: at most one bf16 ulp, on few elements."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape and got.is_contiguous()
+    if got.dtype == torch.bfloat16:
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-6)
+        assert (got != expected).float().mean() < 0.01
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_kernels_build_here():
+    assert fused.available(), "a C compiler is on PATH, so the kernels must build (see the warning for why not)"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 384), (3, 7, 384), (2, 5, 40), (1, 600, 384), (4, 1, 7)])
+def test_rms_norm_equals_torch(dtype, shape):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    weight = torch.randn(shape[-1], generator=gen).to(dtype)
+    expected = weight * F.rms_norm(x.float(), (shape[-1],), eps=1e-5).to(dtype)
+    with torch.inference_mode():
+        _close(fused.rms_norm(x, weight, 1e-5), expected)
+        wide = torch.cat((x, x), dim=-1)[..., : shape[-1]]  # rows spaced 2d apart: read in place
+        _close(fused.rms_norm(wide, weight, 1e-5), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, H, Hkv, d", [(1, 1, 6, 2, 64), (2, 9, 4, 2, 40), (1, 300, 6, 2, 128), (3, 2, 2, 1, 6)])
+def test_rotary_equals_torch_bit_for_bit(dtype, B, T, H, Hkv, d):
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * d, generator=gen).to(dtype)  # one projection's output, as GQA's
+    q = qkv[..., : H * d].view(B, T, H, d)
+    k = qkv[..., H * d : (H + Hkv) * d].view(B, T, Hkv, d)
+    angles = torch.rand(B, T, d // 2, generator=gen) * 100
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    expected_q, expected_k = apply_rotary_emb(torch.cat((q, k), dim=2), cos, sin).split((H, Hkv), dim=2)
+    with torch.inference_mode():
+        got_q, got_k = fused.rotary(q, k, cos, sin)
+    assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)
+    assert got_q.is_contiguous() and got_k.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1152), (16, 1, 1152), (1, 512, 1152), (3, 5, 37)])
+def test_silu_mul_equals_torch(dtype, shape):
+    gen = torch.Generator().manual_seed(2)
+    both = (torch.randn(*shape[:-1], 2 * shape[-1], generator=gen) * 6).to(dtype)
+    both[..., :3] = torch.tensor([-100.0, 100.0, 0.0])  # e^-g past float32's range on either side
+    gate, up = both.split(shape[-1], dim=-1)  # two column slices of one tensor, as MLP's
+    with torch.inference_mode():
+        _close(fused.silu_mul(gate, up), F.silu(gate) * up)
+
+
+def test_the_kernels_serve_only_cpu_inference_in_float32_or_bfloat16():
+    x, weight = torch.randn(2, 3, 16), torch.ones(16)
+    assert fused.rms_norm(x, weight, 1e-6) is None  # outside inference mode: autograd needs torch's ops
+    with torch.inference_mode():
+        assert fused.rms_norm(x, weight, 1e-6) is not None
+        assert fused.rms_norm(x.half(), weight.half(), 1e-6) is None  # float16
+        assert fused.rms_norm(x.bfloat16(), weight, 1e-6) is None  # mixed dtypes
+        assert fused.rms_norm(x, torch.ones(8), 1e-6) is None  # a weight of another size
+        assert fused.rms_norm(x[..., ::2], torch.ones(8), 1e-6) is None  # channels not contiguous
+        assert fused.rms_norm(x.transpose(0, 1), weight, 1e-6) is None  # rows not equally spaced
+        assert fused.silu_mul(x, x.transpose(0, 1).contiguous().transpose(0, 1)) is None  # different layouts
+        cos = torch.ones(2, 3, 16)
+        q = torch.randn(2, 3, 4, 16)
+        assert fused.rotary(q, q[:, :, :2], cos, cos) is not None
+        assert fused.rotary(q, q[:, :, :2], cos.double(), cos.double()) is None  # angles must be float32
+        assert fused.rotary(q.transpose(1, 2), q[:, :, :2], cos, cos) is None  # heads not side by side
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_forward_in_inference_mode_matches_torch(lm_config, tokens, dtype):
+    """The whole model with the kernels (inference mode) against the same model without them (no_grad):
+    GQA with qk-norm (the q/k norms read strided heads, and fall back), gated attention and biases too."""
+    for overrides in ({}, {"use_qk_norm": True, "use_gated_attention": True, "attn_bias": True}):
+        torch.manual_seed(0)
+        model = AutoRegressiveLM(lm_config(**overrides)).to(dtype).eval()
+        ids = tokens(2, 12)
+        with torch.no_grad():
+            expected = model(ids)["logits"]
+        with torch.inference_mode():
+            got = model(ids)["logits"]
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_rms_norm_module_uses_the_kernel_under_inference_mode(monkeypatch):
+    norm = RMSNorm(16)
+    served = []
+    kernel = fused.rms_norm
+
+    def recorded(*args):
+        out = kernel(*args)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused, "rms_norm", recorded)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        fast = norm(x)
+    slow = norm(x)  # autograd: torch's ops
+    assert served == [True, False]
+    torch.testing.assert_close(fast, slow.detach())
+
+
+def test_the_build_is_cached_by_source_and_header(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASTRAI_CACHE_DIR", str(tmp_path))
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    source = tmp_path / "kernel.c"
+    source.write_text('#include "simd.h"\nfloat twice(float x) { return 2 * x; }\n')
+    first = build.build(source, compiler)
+    assert first.parent == tmp_path / "kernels" and first.name.startswith("kernel-") and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert build.build(source, compiler) == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
+    assert build.build(source, compiler, ("-ffp-contract=off",)) != first  # other flags build afresh
+    header = tmp_path / "simd.h"
+    header.write_text(build.HEADER.read_text() + "\n/* an edit */\n")
+    monkeypatch.setattr(build, "HEADER", header)
+    assert build.build(source, compiler) != first  # an edited shared header builds afresh
+    assert sorted(p.suffix for p in (tmp_path / "kernels").iterdir()) == [".so"] * 3  # no temporary left
+    assert build.load_library(source, "test kernel").twice is not None
+
+
+def test_a_kernel_that_cannot_be_built_warns_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASTRAI_CACHE_DIR", str(tmp_path))
+    source = tmp_path / "kernel.c"
+    source.write_text("float twice(float x) { return 2 * x; }\n")
+    monkeypatch.setenv("ASTRAI_NATIVE_KERNELS", "0")
+    assert build.load_library(source, "test kernel") is None  # turned off: no warning, no build
+    monkeypatch.delenv("ASTRAI_NATIVE_KERNELS")
+    monkeypatch.setenv("CC", "/bin/false")
+    with pytest.warns(UserWarning, match="test kernel not built"):
+        assert build.load_library(source, "test kernel") is None
+    monkeypatch.delenv("CC")
+
+    def too_slow(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], 120)
+
+    monkeypatch.setattr(build.subprocess, "run", too_slow)
+    with pytest.warns(UserWarning, match="test kernel not built"):
+        assert build.load_library(source, "test kernel") is None
+    assert list((tmp_path / "kernels").iterdir()) == []  # nothing half-written left behind
