@@ -134,9 +134,23 @@ def test_bad_arguments_raise_value_error():
         pa.paged_decode_attention(q[..., :8], k_cache[..., :8], v_cache[..., :8], table, seq_lens, 0.25)
     with pytest.raises(ValueError, match="multiple of Hkv"):
         pa.paged_decode_attention(q[:, :3], k_cache, v_cache, table, seq_lens, 0.25)
+    with pytest.raises(ValueError, match="k_cache"):
+        pa.paged_decode_attention(q, k_cache[0, 0], v_cache, table, seq_lens, 0.25)
     assert pa.supports_cache(k_cache)
     assert not pa.supports_cache(k_cache.half())  # float16: the caller gathers
     assert not pa.supports_cache(k_cache[..., :8])
+
+
+def test_paged_rows_are_checked_once_and_kept_apart_from_the_caller():
+    q, k_cache, v_cache, table, seq_lens = _case(2, 4, 2, 16, 4, [6, 3], torch.float32)
+    rows = pa.PagedRows(table, seq_lens, page_size=4)
+    expected = rows.attend(q, k_cache, v_cache, 0.25)
+    seq_lens[0], table[1, 0] = 100, k_cache.shape[0]  # edited after the check: the rows keep their own copy
+    assert torch.equal(rows.attend(q, k_cache, v_cache, 0.25), expected)
+    with pytest.raises(ValueError, match="need \\(B=2, H, d\\)"):
+        rows.attend(q[:1], k_cache, v_cache, 0.25)  # another number of rows
+    with pytest.raises(ValueError, match="checked for 4"):
+        rows.attend(q, k_cache.view(-1, 2, 2, 16), v_cache.view(-1, 2, 2, 16), 0.25)  # pages of another size
 
 
 def test_without_the_kernel_available_says_so(monkeypatch):

@@ -52,9 +52,7 @@ def test_rotary_equals_torch_bit_for_bit(dtype, B, T, H, Hkv, d):
     qkv = torch.randn(B, T, (H + 2 * Hkv) * d, generator=gen).to(dtype)  # one projection's output, as GQA's
     q = qkv[..., : H * d].view(B, T, H, d)
     k = qkv[..., H * d : (H + Hkv) * d].view(B, T, Hkv, d)
-    angles = torch.rand(B, T, d // 2, generator=gen) * 100
-    emb = torch.cat((angles, angles), dim=-1)
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = torch.randn(B, T, d, generator=gen), torch.randn(B, T, d, generator=gen)  # every channel its own
     expected_q, expected_k = apply_rotary_emb(torch.cat((q, k), dim=2), cos, sin).split((H, Hkv), dim=2)
     with torch.inference_mode():
         got_q, got_k = fused.rotary(q, k, cos, sin)
@@ -73,6 +71,20 @@ def test_silu_mul_equals_torch(dtype, shape):
         _close(fused.silu_mul(gate, up), F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_at_the_edges_of_exp(dtype):
+    """Where e^-g leaves float32's range (and the band just before), infinities and NaN: as torch."""
+    edges = [-100.0, -88.72, -88.5, -88.0, -87.5, -50.0, -1e-30, 0.0, 1e-30, 50.0, 88.5, 100.0]
+    gate = torch.tensor(edges + [float("nan"), float("inf"), float("-inf")]).to(dtype)
+    up = torch.full_like(gate, 3.0)
+    with torch.inference_mode():
+        got = fused.silu_mul(gate, up)
+    expected = F.silu(gate) * up
+    torch.testing.assert_close(got, expected, rtol=5e-7 if dtype == torch.float32 else 0, atol=0, equal_nan=True)
+    numbers = ~expected.isnan()
+    assert torch.equal(got[numbers].signbit(), expected[numbers].signbit())  # -0.0 stays -0.0
+
+
 def test_the_kernels_serve_only_cpu_inference_in_float32_or_bfloat16():
     x, weight = torch.randn(2, 3, 16), torch.ones(16)
     assert fused.rms_norm(x, weight, 1e-6) is None  # outside inference mode: autograd needs torch's ops
@@ -88,6 +100,7 @@ def test_the_kernels_serve_only_cpu_inference_in_float32_or_bfloat16():
         q = torch.randn(2, 3, 4, 16)
         assert fused.rotary(q, q[:, :, :2], cos, cos) is not None
         assert fused.rotary(q, q[:, :, :2], cos.double(), cos.double()) is None  # angles must be float32
+        assert fused.rotary(q, q[:, :, :2], cos, cos.to("meta")) is None  # angles elsewhere are not read
         assert fused.rotary(q.transpose(1, 2), q[:, :, :2], cos, cos) is None  # heads not side by side
 
 

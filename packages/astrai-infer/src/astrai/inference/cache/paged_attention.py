@@ -73,6 +73,8 @@ def paged_decode_attention(
     reads KV head h // (H // Hkv); d must be a multiple of 16, at most 256. Returns (B, H, d) in q's dtype; a
     row with no cached position gives zeros.
     """
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)}: need (pages, page_size, Hkv, d)")
     return PagedRows(page_table, seq_lens, k_cache.shape[1]).attend(q, k_cache, v_cache, scale)
 
 
@@ -96,11 +98,17 @@ class PagedRows:
             raise ValueError(
                 f"seq_lens {seq_lens.tolist()}: need 0 .. {page_table.shape[1]} pages x {page_size} per row"
             )
-        self.page_table, self.seq_lens = page_table.contiguous(), seq_lens.contiguous()
+        # Copies: the kernel trusts these checks, so a later in-place edit of the caller's tensors must not reach it.
+        self.page_table = page_table.clone(memory_format=torch.contiguous_format)
+        self.seq_lens = seq_lens.clone(memory_format=torch.contiguous_format)
         self.page_size = page_size
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q (B, H, d) over one layer's pages k_cache, v_cache (pages, page_size, Hkv, d) -> (B, H, d)."""
+        if q.dim() != 3 or k_cache.dim() != 4:
+            raise ValueError(
+                f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}: need (B, H, d) and (pages, page_size, Hkv, d)"
+            )
         B, H, d = q.shape
         pages, page_size, Hkv, dk = k_cache.shape
         if v_cache.shape != k_cache.shape or dk != d or H % Hkv or B != self.seq_lens.shape[0]:

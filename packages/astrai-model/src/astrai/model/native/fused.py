@@ -57,7 +57,7 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
     q_stride, k_stride = _row_stride(q, 2), _row_stride(k, 2)  # per token: its heads side by side
     if q_stride is None or k_stride is None or not (cos.is_contiguous() and sin.is_contiguous()):
         return None
-    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or not _serves(q, k) or cos.device != q.device:
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or not (cos.is_cpu and sin.is_cpu and _serves(q, k)):
         return None
     q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
     k_out = torch.empty_like(k, memory_format=torch.contiguous_format)

@@ -91,13 +91,14 @@ static inline float sum16(vf v) {
     return c[0] + c[1];
 }
 
-/* e^x, 16 at a time (Cephes expf: Cody-Waite reduction, degree-6 polynomial; about 1 ulp) for x in
- * [-87, 88]: below it gives e^-87 (~1.6e-38) rather than 0 or a denormal; from 88 to 88.72 (where float32's
- * e^x ends) e^88, and above that infinity, as expf; NaN stays NaN. */
+/* e^x, 16 at a time (Cephes expf: Cody-Waite reduction, degree-6 polynomial; about 1 ulp) from -87 up to
+ * where float32's e^x ends (88.72), infinity above, as expf; below -87 it gives e^-87 (~1.6e-38) rather than
+ * 0 or a denormal (so a sum of them never loses precision); NaN stays NaN. */
 static inline vf exp16(vf x) {
-    vi low = x < -87.0f, high = x > 88.0f, overflow = x > 88.72283935546875f;
+    const float top = 88.72283935546875f; /* the float nearest ln(FLT_MAX) */
+    vi low = x < -87.0f, high = x > top;
     x = (vf)(((vi)x & ~low) | ((vi)((vf){0} - 87.0f) & low));
-    x = (vf)(((vi)x & ~high) | ((vi)((vf){0} + 88.0f) & high));
+    x = (vf)(((vi)x & ~high) | ((vi)((vf){0} + top) & high));
     vf t = x * 1.44269504088896341f + 0.5f;
     vi n = __builtin_convertvector(t, vi); /* truncated; minus one where that rounded up: floor(x / ln 2 + 0.5) */
     n += (vi)(__builtin_convertvector(n, vf) > t);
@@ -109,8 +110,11 @@ static inline vf exp16(vf x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    vf e = p * (vf)((vu)(n + 127) << 23); /* 2^n; unsigned, so a NaN's n cannot overflow a signed shift */
-    return (vf)(((vi)e & ~overflow) | ((vi)((vf){0} + __builtin_inff()) & overflow));
+    /* times 2^n, n in [-126, 128], as 2^h * 2^(n - h) (each a normal float; exact); unsigned shifts, so a
+     * NaN's n cannot overflow a signed one */
+    vi h = n >> 1;
+    vf e = p * (vf)((vu)(h + 127) << 23) * (vf)((vu)(n - h + 127) << 23);
+    return (vf)(((vi)e & ~high) | ((vi)((vf){0} + __builtin_inff()) & high));
 }
 
 #endif
