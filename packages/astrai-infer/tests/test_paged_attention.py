@@ -64,6 +64,8 @@ def test_the_kernel_builds_here():
         (4, 4, 4, 80, 5, [3, 21, 48, 7]),  # generic head size, no grouping, pages not dividing a block
         (2, 32, 4, 32, 16, [40, 19]),  # more query heads than one pass takes
         (3, 2, 1, 16, 16, [0, 5, 16]),  # a row with no cached position gives zeros
+        (2, 4, 2, 64, 16, [30, 70]),  # pairs of query heads per KV head
+        (2, 24, 8, 16, 8, [5, 40]),  # a pass of 16 query heads ends inside a KV head's group of 3
     ],
 )
 @pytest.mark.parametrize("threads", [1, 2])

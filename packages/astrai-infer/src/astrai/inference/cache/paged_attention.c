@@ -10,8 +10,9 @@
  *   pass 1: scores[h][t] = scale * q[b, h] . k[t, h / n_rep]
  *   softmax over t in float32 (max-subtracted)
  *   pass 2: out[b, h] = sum_t probs[h][t] * v[t, h / n_rep]
- * Every key and value row is read from memory once; items run in parallel on the OpenMP runtime torch
- * itself uses (see paged_attention.py). SIMD through GCC/Clang vector extensions, 16 float32 lanes.
+ * Every key and value row is read from memory once, for all the query heads that share it; items run in
+ * parallel on the OpenMP runtime torch itself uses (see paged_attention.py). SIMD through GCC/Clang vector
+ * extensions, 16 float32 lanes.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -52,6 +53,7 @@ static inline vf sum16x16(vf v[LANES]) {
 
 #define MAX_CHUNKS 16 /* head_dim <= 256 (checked by the caller) */
 #define MAX_HEADS 16  /* query heads handled in one pass over a row's entries; more go round again */
+#define MAX_SET_CHUNKS 24 /* query heads sharing a KV head x chunks of dim whose pass-2 sums stay in registers */
 
 /* Ask for `bytes` at `at` ahead of use, into L2 only. A row's KV pages lie anywhere in the cache and hardware
  * prefetchers stop at page boundaries; without this, loads and arithmetic do not overlap. Measured on Zen (2
@@ -61,35 +63,74 @@ static inline void prefetch_l2(const char *at, int64_t bytes) {
     for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(at + offset, 0, 1);
 }
 
+/* Query heads lo .. hi - 1 of this call (as indices into it) that read KV head g (all query heads read KV head
+ * h / n_rep, and a call takes query heads h0 .. h0 + n_q - 1). */
+static inline void group_heads(int64_t g, int64_t h0, int64_t n_q, int64_t n_rep, int64_t *lo, int64_t *hi) {
+    *lo = g * n_rep - h0 < 0 ? 0 : g * n_rep - h0;
+    *hi = g * n_rep - h0 + n_rep > n_q ? n_q : g * n_rep - h0 + n_rep;
+}
+
+/* Pass 2 for `set` query heads from `lo` on that all read KV head g: acc[h] = sum_t probs[h][t] * v_t, each value
+ * row read (and widened) once for all of them, the next ones prefetched. Called with a constant `set` and
+ * `chunks`, the sums live in registers. */
+static inline __attribute__((always_inline)) void weigh_values(
+    const void *v, const int64_t *rows, int64_t len, int64_t g, int64_t lo, int64_t set, int64_t chunks,
+    int64_t dim, int64_t stride, const float *scores, vf acc[MAX_HEADS][MAX_CHUNKS], int is_bf16) {
+    vf sums[MAX_SET_CHUNKS];
+    for (int64_t j = 0; j < set * chunks; j++) sums[j] = (vf){0};
+    const float *probs = scores + lo * stride;
+    int64_t row_bytes = dim * (is_bf16 ? 2 : 4);
+    for (int64_t t = 0; t < len; t++) {
+        if (t + LANES < len) prefetch_l2((const char *)v + (rows[t + LANES] + g) * row_bytes, row_bytes);
+        const void *value = element(v, (rows[t] + g) * dim, is_bf16);
+        for (int64_t c = 0; c < chunks; c++) {
+            vf x = load16(element(value, c * LANES, is_bf16), is_bf16);
+            for (int64_t r = 0; r < set; r++) sums[r * chunks + c] += probs[r * stride + t] * x;
+        }
+    }
+    for (int64_t r = 0; r < set; r++)
+        for (int64_t c = 0; c < chunks; c++) acc[lo + r][c] = sums[r * chunks + c];
+}
+
 /* Query heads h0 .. h1 - 1 of one row (q_row: the row's first head as a row of q) over its positions
  * 0 .. len - 1, whose entries for KV head g are rows rows[t] + g of k and v (rows of dim elements). Query head
- * h reads KV head h / n_rep. Tokens go in blocks of 16: a block's entries come from memory once (the next
- * block's are prefetched while the first head reads it) and from L1 for every further query head. `scores`
- * holds n_q rows of len rounded up to 16 floats. */
+ * h reads KV head h / n_rep. Each key row, and then each value row, is read (and widened) once for every query
+ * head that reads it, not once per head: with grouped heads (n_rep > 1) that is most of the work. Keys go in
+ * blocks of 16 tokens (the next block prefetched into L2 while this one is read), values token by token per KV
+ * head (16 tokens ahead prefetched). `scores` holds n_q rows of len rounded up to 16 floats. */
 static inline __attribute__((always_inline)) void attend_heads(
     const void *q, const void *k, const void *v, void *out, const int64_t *rows, int64_t len, int64_t q_row,
     int64_t h0, int64_t h1, int64_t n_rep, int64_t dim, float scale, int is_bf16, float *scores) {
     int64_t n_q = h1 - h0, chunks = dim / LANES, stride = (len + LANES - 1) / LANES * LANES;
     int64_t row_bytes = dim * (is_bf16 ? 2 : 4), first_kv = h0 / n_rep;
     int64_t span = ((h1 - 1) / n_rep - first_kv + 1) * row_bytes; /* one token's rows of the KV heads read */
-    const char *k_first = (const char *)k + first_kv * row_bytes, *v_first = (const char *)v + first_kv * row_bytes;
-    vf acc[MAX_HEADS][MAX_CHUNKS];
+    const char *k_first = (const char *)k + first_kv * row_bytes;
+    vf acc[MAX_HEADS][MAX_CHUNKS], query[MAX_HEADS][MAX_CHUNKS]; /* the queries scaled, in float32 */
+    int64_t last_kv = (h0 + n_q - 1) / n_rep;
+    for (int64_t h = 0; h < n_q; h++)
+        for (int64_t c = 0; c < chunks; c++)
+            query[h][c] = load16(element(q, (q_row + h0 + h) * dim + c * LANES, is_bf16), is_bf16) * scale;
     for (int64_t t0 = 0; t0 < len; t0 += LANES) { /* pass 1: scores[h][t] = scale * q_h . k_t */
         int64_t n = len - t0 < LANES ? len - t0 : LANES;
-        for (int64_t h = 0; h < n_q; h++) {
-            vf query[MAX_CHUNKS], dots[LANES];
-            for (int64_t c = 0; c < chunks; c++)
-                query[c] = load16(element(q, (q_row + h0 + h) * dim + c * LANES, is_bf16), is_bf16) * scale;
-            for (int64_t i = 0; i < LANES; i++) {
-                if (h == 0 && t0 + LANES + i < len) prefetch_l2(k_first + rows[t0 + LANES + i] * row_bytes, span);
-                dots[i] = (vf){0};
-                if (i < n) {
-                    const void *key = element(k, (rows[t0 + i] + (h0 + h) / n_rep) * dim, is_bf16);
-                    for (int64_t c = 0; c < chunks; c++)
-                        dots[i] += query[c] * load16(element(key, c * LANES, is_bf16), is_bf16);
+        vf dots[MAX_HEADS][LANES]; /* per head, per token: the 16 partial sums of its dot product */
+        for (int64_t i = 0; i < LANES; i++) {
+            if (t0 + LANES + i < len) prefetch_l2(k_first + rows[t0 + LANES + i] * row_bytes, span);
+            for (int64_t g = first_kv; g <= last_kv; g++) { /* each key row once, for every query head reading it */
+                int64_t lo, hi;
+                group_heads(g, h0, n_q, n_rep, &lo, &hi);
+                vf key[MAX_CHUNKS];
+                for (int64_t c = 0; c < chunks; c++)
+                    key[c] = i < n ? load16(element(k, (rows[t0 + i] + g) * dim + c * LANES, is_bf16), is_bf16)
+                                   : (vf){0};
+                for (int64_t h = lo; h < hi; h++) {
+                    vf dot = {0};
+                    for (int64_t c = 0; c < chunks; c++) dot += query[h][c] * key[c];
+                    dots[h][i] = dot;
                 }
             }
-            vf block = sum16x16(dots);
+        }
+        for (int64_t h = 0; h < n_q; h++) {
+            vf block = sum16x16(dots[h]);
             memcpy(scores + h * stride + t0, &block, sizeof block);
         }
     }
@@ -110,21 +151,21 @@ static inline __attribute__((always_inline)) void attend_heads(
             memcpy(s + t, &chunk, sizeof chunk);
         }
         inv_sum[h] = len > 0 ? 1.0f / sum16(sum) : 0.0f;
-        for (int64_t c = 0; c < chunks; c++) acc[h][c] = (vf){0};
     }
-    for (int64_t t0 = 0; t0 < len; t0 += LANES) { /* pass 2: acc[h] += probs[h][t] * v_t */
-        int64_t n = len - t0 < LANES ? len - t0 : LANES;
-        for (int64_t h = 0; h < n_q; h++) {
-            vf sums[MAX_CHUNKS];
-            for (int64_t c = 0; c < chunks; c++) sums[c] = acc[h][c];
-            for (int64_t i = 0; i < n; i++) {
-                if (h == 0 && t0 + LANES + i < len) prefetch_l2(v_first + rows[t0 + LANES + i] * row_bytes, span);
-                const void *value = element(v, (rows[t0 + i] + (h0 + h) / n_rep) * dim, is_bf16);
-                float w = scores[h * stride + t0 + i];
-                for (int64_t c = 0; c < chunks; c++) sums[c] += w * load16(element(value, c * LANES, is_bf16), is_bf16);
-            }
-            for (int64_t c = 0; c < chunks; c++) acc[h][c] = sums[c];
+    for (int64_t g = first_kv; g <= last_kv; g++) { /* pass 2: acc[h] = sum_t probs[h][t] * v_t */
+        int64_t lo, hi;
+        group_heads(g, h0, n_q, n_rep, &lo, &hi);
+#define WEIGH(SET) weigh_values(v, rows, len, g, lo, SET, chunks, dim, stride, scores, acc, is_bf16)
+        switch (hi - lo <= MAX_SET_CHUNKS / chunks ? hi - lo : 0) { /* the usual group sizes: sums in registers */
+            case 1: WEIGH(1); break;
+            case 2: WEIGH(2); break;
+            case 3: WEIGH(3); break;
+            case 4: WEIGH(4); break;
+            default:
+                for (int64_t h = lo; h < hi; h++) weigh_values(v, rows, len, g, h, 1, chunks, dim, stride, scores, acc,
+                                                                is_bf16);
         }
+#undef WEIGH
     }
     for (int64_t h = 0; h < n_q; h++) {
         for (int64_t c = 0; c < chunks; c++) {
