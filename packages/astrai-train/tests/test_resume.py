@@ -69,14 +69,15 @@ if __name__ == "__main__":  # spawned ranks import this file
 
 def _run(script: Path, root: Path, data: Path, mode: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, str(script), str(root), str(data), mode],
-        check=True,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
         timeout=300,
     )
+    assert done.returncode == 0, f"the {mode!r} run exited with {done.returncode}:\n{done.stderr[-6000:]}"
 
 
 def _assert_identical(a: Any, b: Any, where: str) -> None:
