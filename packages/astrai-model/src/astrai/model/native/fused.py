@@ -1,7 +1,7 @@
 """Fused CPU kernels (`fused.c`) for the model's per-token operations: RMSNorm, rotary embedding of q and k,
 and SwiGLU's `silu(gate) * up`. Each is one call where torch runs several ops with a tensor between each,
 which is what a small model's decode step spends most of its time on (a batch-1 bfloat16 RMSNorm of 384
-channels: ~40 us as torch ops in the engine, a few us here).
+channels inside the engine: ~40 us as torch ops, ~15 us as one call; 12 and 5 us in isolation).
 
 Each function returns None where the kernel does not serve its arguments, and the caller then runs the torch
 expression it replaces (its reference in the tests). The kernels serve CPU tensors of float32 or bfloat16,
