@@ -123,7 +123,7 @@ class PagedRows:
             raise ValueError(f"dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}: need one of {list(_DTYPES)}")
         if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu):
             raise ValueError("q, k_cache, v_cache: the kernel reads CPU memory only")
-        q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()  # the cache's views are
+        q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()  # cache layers: no copy
         out = torch.empty_like(q)
         status = _library().paged_decode_attention(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), self.page_table.data_ptr(),
