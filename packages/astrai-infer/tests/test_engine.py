@@ -2,6 +2,7 @@
 
 import asyncio
 import copy
+import functools
 import random
 import threading
 
@@ -20,6 +21,7 @@ from astrai.inference import (
     SamplingParams,
 )
 from astrai.model import AutoRegressiveLM
+from astrai.model.native import fused
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -83,6 +85,16 @@ def test_greedy_matches_naive_recompute_with_prefix_hits_chunking_and_preemption
         assert any(gathered_chunks) is (budget == 20)  # continued chunks of 16+ tokens attend over their row
     else:
         assert not decode_rows and not gathered_chunks
+
+
+def test_engine_start_builds_the_kernels_before_any_request(make_engine, monkeypatch):
+    """The C kernels are compiled (or loaded) while the engine starts, not inside the first request."""
+    monkeypatch.setattr(fused, "_library", functools.cache(fused._library.__wrapped__))  # forgets any earlier load
+    monkeypatch.setattr(paged_attention, "_library", functools.cache(paged_attention._library.__wrapped__))
+    engine = make_engine()
+    executor = engine.scheduler.executor
+    assert fused._library.cache_info().currsize == 1 and paged_attention._library.cache_info().currsize == 1
+    assert executor.fused_kernels is fused.available() and executor.packs_steps is paged_attention.available()
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from astrai.inference.cache import KVCache
 from astrai.inference.sampling import GREEDY_TEMPERATURE, SamplingPipeline
 from astrai.inference.task import Task
 from astrai.model import pack_linear_weights
+from astrai.model.native import fused
 
 
 class Executor:
@@ -46,8 +47,10 @@ class Executor:
         self.page_cache = page_cache
         self.device = device if device is not None else next(model.parameters()).device
         self.packed_layers = pack_linear_weights(model) if pack_weights else 0  # CPU only; see astrai.model.linear
-        # Asking builds (or loads) the paged attention kernel now, not in a request, where it serves this cache.
+        # Asking builds (or loads) the C kernels now, not in a request: paged attention where it serves this cache,
+        # and the model's fused CPU kernels (astrai.model.native.fused) on the CPU.
         self.packs_steps = page_cache.packs_steps
+        self.fused_kernels = self.device.type == "cpu" and fused.available()
 
     def close(self) -> None:
         """Drop the packed weight copies (if any)."""
