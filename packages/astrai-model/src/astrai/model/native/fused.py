@@ -97,11 +97,11 @@ def _serves(a: Tensor, b: Tensor) -> bool:
 def _row_stride(x: Tensor, row_dims: int = 1) -> int | None:
     """x seen as rows of its last `row_dims` dimensions: the distance between consecutive rows (in elements)
     when every row is contiguous and the rows are equally spaced (no copy needed), else None."""
-    if x.is_contiguous():
-        return math.prod(x.shape[x.dim() - row_dims :]) if x.dim() >= row_dims else None
     lead = x.dim() - row_dims
     if lead < 0:
         return None
+    if x.is_contiguous():
+        return math.prod(x.shape[lead:])
     row = 1
     for size, step in zip(reversed(x.shape[lead:]), reversed(x.stride()[lead:])):
         if size != 1 and step != row:
