@@ -169,13 +169,7 @@ static inline __attribute__((always_inline)) void attend_heads(
     }
     for (int64_t h = 0; h < n_q; h++) {
         for (int64_t c = 0; c < chunks; c++) {
-            vf o = acc[h][c] * inv_sum[h];
-            int64_t at = (q_row + h0 + h) * dim + c * LANES;
-            if (is_bf16) {
-                for (int lane = 0; lane < LANES; lane++) ((bf16 *)out)[at + lane] = float_to_bf16(o[lane]);
-            } else {
-                memcpy((float *)out + at, &o, sizeof o);
-            }
+            store16(element_mut(out, (q_row + h0 + h) * dim + c * LANES, is_bf16), acc[h][c] * inv_sum[h], is_bf16);
         }
     }
 }
