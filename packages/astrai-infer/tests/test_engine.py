@@ -49,17 +49,17 @@ def test_greedy_matches_naive_recompute_with_prefix_hits_chunking_and_preemption
     # Pages of 4 tokens, 8- or 20-token prefill chunks, and 20 pages for 10 concurrent requests of up to 64
     # tokens: long prompts are chunked, the shared 10-token system prompt is served from the prefix cache, and
     # the cache runs out of pages, so the newest requests get preempted and recomputed. Steps are packed and
-    # attend in place (the kernel; continued chunks of 16+ tokens over their gathered row), or, where the
-    # kernel does not serve the cache, padded over the gathered history.
-    decode_rows, gathered_chunks = [], []
-    kernel, chunk_sdpa = view_module.PagedRows.attend, view_module._sdpa
+    # attend in place (decodes one query per row, prefill chunks, first or continued, causally over their row's
+    # pages), or, where the kernel does not serve the cache, padded over the gathered history.
+    decode_rows, continued_chunks = [], []
+    decodes, chunks = view_module.PagedRows.attend, view_module.PagedChunks.attend
     monkeypatch.setattr(
-        view_module.PagedRows, "attend", lambda rows, q, *a: decode_rows.append(len(q)) or kernel(rows, q, *a)
+        view_module.PagedRows, "attend", lambda rows, q, *a: decode_rows.append(len(q)) or decodes(rows, q, *a)
     )
     monkeypatch.setattr(
-        view_module,
-        "_sdpa",
-        lambda q, k, v, mask, scale: gathered_chunks.append(mask is not None) or chunk_sdpa(q, k, v, mask, scale),
+        view_module.PagedChunks,
+        "attend",
+        lambda step, *a: continued_chunks.append(bool((step.starts > 0).any())) or chunks(step, *a),
     )
     if not in_place:
         monkeypatch.setattr(view_module, "supports_cache", lambda cache: False)
@@ -82,9 +82,9 @@ def test_greedy_matches_naive_recompute_with_prefix_hits_chunking_and_preemption
     _check_clean(engine)
     if packed:
         assert max(decode_rows) > 1  # batched queries attended in place
-        assert any(gathered_chunks) is (budget == 20)  # continued chunks of 16+ tokens attend over their row
+        assert any(continued_chunks) and not all(continued_chunks)  # first and continued prefill chunks
     else:
-        assert not decode_rows and not gathered_chunks
+        assert not decode_rows and not continued_chunks
 
 
 def test_engine_start_builds_the_kernels_before_any_request(make_engine, monkeypatch):

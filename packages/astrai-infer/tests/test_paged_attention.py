@@ -1,5 +1,6 @@
-"""The in-place paged decode attention kernel against a float64 gather + softmax reference, its guards, its
-build cache, and `KvcacheView.attend` (the engine's greedy-vs-naive test runs decode through it end to end)."""
+"""The in-place paged attention kernels (decodes: `PagedRows`, prefill chunks: `PagedChunks`) against a float64
+gather + softmax reference, their guards, their build cache, and `KvcacheView.attend` (the engine's
+greedy-vs-naive test runs every step through them end to end)."""
 
 import platform
 import shutil
@@ -172,6 +173,114 @@ def test_without_the_kernel_available_says_so(monkeypatch):
         pa._library.cache_clear()
 
 
+def _chunk_case(H, Hkv, d, page_size, chunks, dtype, seed=0):
+    """Chunks (start, count) of one row each, their queries in q one after another with a spare row before
+    each chunk (a decode's place in a packed step, which the chunk kernel must leave alone)."""
+    lens = [start + count for start, count in chunks]
+    _, k_cache, v_cache, table, _ = _case(len(chunks), H, Hkv, d, page_size, lens, dtype, seed)
+    counts = torch.tensor([count for _, count in chunks])
+    firsts = torch.cumsum(counts + 1, 0) - counts  # a spare row before each chunk
+    q = torch.randn(int(firsts[-1] + counts[-1]), H, d, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    starts = torch.tensor([start for start, _ in chunks])
+    return q, k_cache, v_cache, table, starts, counts, firsts
+
+
+def _chunk_reference(q, k_cache, v_cache, table, starts, counts, firsts, scale):
+    """Each query of chunk c, at position starts[c] + i, as a decode over positions 0 .. its own."""
+    rows = torch.cat([torch.arange(f, f + n) for f, n in zip(firsts.tolist(), counts.tolist())])
+    chunk_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts.tolist(), counts.tolist())])
+    return rows, _reference(q[rows], k_cache, v_cache, table[chunk_of], positions + 1, scale)
+
+
+def _chunk_attention(q, k_cache, v_cache, table, starts, counts, firsts, scale, fill=7.0):
+    chunks = pa.PagedChunks(table, starts, counts, firsts, page_size=k_cache.shape[1])
+    out = torch.full_like(q, fill)
+    chunks.attend(q, k_cache, v_cache, scale, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "H, Hkv, d, page_size, chunks",
+    [
+        (6, 2, 64, 16, [(0, 37), (100, 20), (5, 2)]),  # first and continued chunks, 3 query heads per KV head
+        (4, 4, 80, 5, [(0, 1), (3, 17), (40, 33)]),  # generic head size, no grouping, pages not dividing a block
+        (8, 2, 128, 8, [(0, 64), (17, 5)]),  # the other specialised head size, 4 query heads per KV head
+        (32, 4, 32, 16, [(0, 9), (200, 40)]),  # 8 query heads per KV head: lanes of one token or two
+        (2, 1, 16, 16, [(0, 300)]),  # a long first chunk, 16 of its tokens' pairs per lane block
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunks_match_the_float64_reference(H, Hkv, d, page_size, chunks, threads):
+    case = _chunk_case(H, Hkv, d, page_size, chunks, torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = _chunk_attention(*case, d**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    rows, expected = _chunk_reference(*case, d**-0.5)
+    torch.testing.assert_close(out[rows].double(), expected, atol=2e-6, rtol=2e-5)
+    spare = torch.ones(out.shape[0], dtype=torch.bool)
+    spare[rows] = False
+    assert spare.sum() == len(chunks) and (out[spare] == 7.0).all()  # rows outside the chunks left as they were
+
+
+def test_chunks_in_bfloat16_accumulate_in_float32():
+    case = _chunk_case(6, 2, 64, 16, [(0, 50), (120, 31)], torch.bfloat16)
+    out = _chunk_attention(*case, 0.125)
+    rows, expected = _chunk_reference(*case, 0.125)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out[rows].double(), expected, atol=0, rtol=2**-8)  # only the final rounding
+
+
+def test_chunks_propagate_nan_and_never_see_later_positions():
+    q, k_cache, v_cache, table, starts, counts, firsts = _chunk_case(4, 2, 16, 16, [(0, 20)], torch.float32)
+    k_cache[table[0, 1], 2, 1] = float("nan")  # position 18, KV head 1: only the chunk's last 2 queries see it
+    q[firsts[0] + 5, 0, 3] = float("nan")  # every score of query 5, head 0
+    out = _chunk_attention(q, k_cache, v_cache, table, starts, counts, firsts, 0.25)
+    rows, expected = _chunk_reference(q, k_cache, v_cache, table, starts, counts, firsts, 0.25)
+    got = out[rows].double()
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert got[18:, 2:].isnan().all() and not got[:18, 2:].isnan().any() and got[5, 0].isnan().all()
+    finite = ~expected.isnan()
+    torch.testing.assert_close(got[finite], expected[finite], atol=2e-6, rtol=2e-5)
+
+
+def test_chunks_refuse_a_page_outside_the_cache_and_bad_arguments():
+    q, k_cache, v_cache, table, starts, counts, firsts = _chunk_case(4, 2, 16, 4, [(0, 6), (2, 3)], torch.float32)
+    for bad in (k_cache.shape[0], -1):
+        broken = table.clone()
+        broken[0, 1] = bad
+        with pytest.raises(RuntimeError, match="page index lies outside the cache"):
+            _chunk_attention(q, k_cache, v_cache, broken, starts, counts, firsts, 0.25)
+    with pytest.raises(ValueError, match="counts"):
+        pa.PagedChunks(table, starts, counts - 3, firsts, 4)  # a chunk without queries
+    with pytest.raises(ValueError, match="starts"):
+        pa.PagedChunks(table, starts - 1, counts, firsts, 4)  # before position 0
+    with pytest.raises(ValueError, match="within 2 pages x 4"):
+        pa.PagedChunks(table, starts + 3, counts, firsts, 4)  # past the row's pages
+    with pytest.raises(ValueError, match="firsts"):
+        pa.PagedChunks(table, starts, counts, firsts[:1], 4)
+    with pytest.raises(ValueError, match="page_table"):
+        pa.PagedChunks(table.int(), starts, counts, firsts, 4)
+    chunks = pa.PagedChunks(table, starts, counts, firsts, 4)
+    out = torch.empty_like(q)
+    with pytest.raises(ValueError, match="reach row"):
+        chunks.attend(q[:-1], k_cache, v_cache, 0.25, out[:-1])  # q shorter than the chunks
+    with pytest.raises(ValueError, match="out"):
+        chunks.attend(q, k_cache, v_cache, 0.25, out.double())
+    with pytest.raises(ValueError, match="dtypes"):
+        chunks.attend(q.double(), k_cache.double(), v_cache.double(), 0.25, out.double())
+    with pytest.raises(ValueError, match="checked for 4"):
+        chunks.attend(q, k_cache.view(-1, 2, 2, 16), v_cache.view(-1, 2, 2, 16), 0.25, out)
+    expected = _chunk_attention(q, k_cache, v_cache, table, starts, counts, firsts, 0.25)
+    starts[1], table[1, 0] = 100, -1  # edited after the check: the chunks keep their own copies
+    chunks.attend(q, k_cache, v_cache, 0.25, out)
+    rows = torch.cat([torch.arange(1, 7), torch.arange(8, 11)])
+    assert torch.equal(out[rows], expected[rows])
+
+
 def test_view_attend_equals_gather_then_sdpa():
     """Through a real KVCache: `attend` (in place) against `gather` + the model's SDPA on the same step."""
     config = AutoRegressiveLMConfig(vocab_size=32, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=64,
@@ -202,10 +311,10 @@ def test_view_attend_equals_gather_then_sdpa():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_step_attends_like_the_padded_step(dtype):
-    """One packed step (decodes, continued chunks of 9, 15, 16 and 17 tokens, first chunks of 1, 11 and 30
-    tokens: through the kernel, gathered and masked SDPA, causal SDPA over their own entries) against the padded
-    step of the same tokens on a twin cache: the same cache contents afterwards, and every query's attention
-    equal to gather + the model's own mask + SDPA."""
+    """One packed step (decodes and first chunks of 1 token through `PagedRows`; continued chunks of 9, 15, 16
+    and 17 tokens and first chunks of 11 and 30 through `PagedChunks`) against the padded step of the same
+    tokens on a twin cache: the same cache contents afterwards, and every query's attention equal to gather +
+    the model's own mask + SDPA."""
     config = AutoRegressiveLMConfig(vocab_size=32, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=64,
                                     max_len=256)  # fmt: skip
     rows = [(13, 1), (0, 11), (20, 9), (1, 1), (0, 1), (70, 1), (0, 30), (24, 17), (30, 15), (33, 16)]

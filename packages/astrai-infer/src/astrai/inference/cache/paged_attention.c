@@ -1,18 +1,23 @@
-/* Decode attention over the paged KV cache, read in place: one query token per row attends to that row's
- * cached keys and values where they lie in the page tensors, with no gathered copy of the history.
+/* Attention over the paged KV cache, read in place: queries attend to their row's cached keys and values where
+ * they lie in the page tensors, with no gathered copy of the history.
  *
  * Built and loaded by paged_attention.py (which documents the layout and checks the arguments); the reference
- * it is tested against is gather + softmax(q k^T * scale) v in torch.
+ * both kernels are tested against is gather + softmax(q k^T * scale) v in torch. Position t of a row lies in
+ * cache slot page_table[b][t / page_size] * page_size + t % page_size, whose entry for KV head g is row
+ * slot * n_kv_heads + g of the (slots * n_kv_heads, dim) cache. Work items run in parallel on the OpenMP runtime
+ * torch itself uses (see paged_attention.py). SIMD through GCC/Clang vector extensions, 16 float32 lanes.
  *
- * A work item is one row (or, with fewer rows than threads, a group of its KV heads). Position t of row b lies
- * in cache slot page_table[b][t / page_size] * page_size + t % page_size, whose entry for KV head g is row
- * slot * n_kv_heads + g of the (slots * n_kv_heads, dim) cache. Per item:
+ * paged_decode_attention: one query token per row (a decode). A work item is one row (or, with fewer rows than
+ * threads, a group of its KV heads):
  *   pass 1: scores[h][t] = scale * q[b, h] . k[t, h / n_rep]
  *   softmax over t in float32 (max-subtracted)
  *   pass 2: out[b, h] = sum_t probs[h][t] * v[t, h / n_rep]
- * Every key and value row is read from memory once, for all the query heads that share it; items run in
- * parallel on the OpenMP runtime torch itself uses (see paged_attention.py). SIMD through GCC/Clang vector
- * extensions, 16 float32 lanes.
+ * Every key and value row is read from memory once, for all the query heads that share it.
+ *
+ * paged_chunk_attention: a chunk of consecutive queries of one row (a prefill chunk), each attending causally
+ * up to its own position. The chunk's (token, query head) pairs that read one KV head are taken 16 at a time,
+ * one per SIMD lane; the keys go by in blocks of 16 with an online softmax (flash attention), so each key and
+ * value is read once per 16 queries and every multiply-add does 16 queries' work.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -240,5 +245,152 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
         }
         free(work);
     }
+    return status;
+}
+
+#define KEY_BLOCK 16 /* keys per step of paged_chunk_attention */
+
+/* Positions t0 .. t0 + n - 1 (n <= KEY_BLOCK) of KV head g from one layer's k or v cache, widened to float32
+ * into dst[KEY_BLOCK][dim]; rows from n on are zero. Returns 0, or -1 when a page index lies outside the cache. */
+static inline __attribute__((always_inline)) int widen_block(
+    const void *src, const int64_t *pages, int64_t t0, int64_t n, int64_t g, int64_t n_kv_heads, int64_t dim,
+    int64_t page_size, int64_t num_pages, int is_bf16, float *dst) {
+    for (int64_t j = 0; j < KEY_BLOCK; j++) {
+        float *row = dst + j * dim;
+        if (j >= n) {
+            memset(row, 0, (size_t)dim * sizeof(float));
+            continue;
+        }
+        int64_t t = t0 + j, page = pages[t / page_size];
+        if (page < 0 || page >= num_pages) return -1;
+        const void *entry = element(src, ((page * page_size + t % page_size) * n_kv_heads + g) * dim, is_bf16);
+        for (int64_t c = 0; c < dim; c += LANES) {
+            vf x = load16(element(entry, c, is_bf16), is_bf16);
+            memcpy(row + c, &x, sizeof x);
+        }
+    }
+    return 0;
+}
+
+/* Lanes lane0 .. lane0 + 15 of one chunk and KV head g. The chunk's queries are rows first .. of q (token i at
+ * position start + i); its lanes are its (token, query head) pairs that read KV head g, token-major, lane
+ * i * n_rep + r being token i's query head g * n_rep + r. Lanes past the chunk repeat its last one (computed,
+ * not stored). Per lane the transposed queries qt[d][lane], the sums acc[d][lane], the running max m and sum;
+ * per block of 16 keys: scores s[j][lane] = q . k_j (-inf past the lane's position), m' = max(m, max_j s),
+ * acc = acc * e^(m - m') + sum_j e^(s_j - m') v_j. `work` holds 2 * (16 + KEY_BLOCK) * dim floats. */
+static inline __attribute__((always_inline)) int attend_chunk_lanes(
+    const void *q, const void *k, const void *v, void *out, const int64_t *pages, int64_t start, int64_t first,
+    int64_t lanes, int64_t lane0, int64_t g, int64_t n_heads, int64_t n_kv_heads, int64_t n_rep, int64_t dim,
+    int64_t page_size, int64_t num_pages, float scale, int is_bf16, float *work) {
+    float *qt = work, *acc = qt + dim * LANES, *keys = acc + dim * LANES, *values = keys + KEY_BLOCK * dim;
+    int64_t n = lanes - lane0 < LANES ? lanes - lane0 : LANES, q_rows[LANES];
+    vi pos;
+    for (int64_t l = 0; l < LANES; l++) {
+        int64_t pair = lane0 + (l < n ? l : n - 1), i = pair / n_rep;
+        pos[l] = (int32_t)(start + i);
+        q_rows[l] = (first + i) * n_heads + g * n_rep + pair % n_rep;
+        for (int64_t d = 0; d < dim; d++) qt[d * LANES + l] = load1(q, q_rows[l] * dim + d, is_bf16) * scale;
+    }
+    int64_t lowest = pos[0], highest = pos[n - 1];
+    memset(acc, 0, (size_t)(dim * LANES) * sizeof(float));
+    vf m = (vf){0} - INFINITY, sum = {0};
+    for (int64_t t0 = 0; t0 <= highest; t0 += KEY_BLOCK) {
+        int64_t n_keys = highest + 1 - t0 < KEY_BLOCK ? highest + 1 - t0 : KEY_BLOCK;
+        int rc = widen_block(k, pages, t0, n_keys, g, n_kv_heads, dim, page_size, num_pages, is_bf16, keys);
+        if (rc == 0) rc = widen_block(v, pages, t0, n_keys, g, n_kv_heads, dim, page_size, num_pages, is_bf16, values);
+        if (rc) return rc;
+        vf s[KEY_BLOCK];
+        for (int j = 0; j < KEY_BLOCK; j++) s[j] = (vf){0};
+        for (int64_t d = 0; d < dim; d++) {
+            vf q_d;
+            memcpy(&q_d, qt + d * LANES, sizeof q_d);
+            for (int j = 0; j < KEY_BLOCK; j++) s[j] += keys[j * dim + d] * q_d;
+        }
+        int causal = t0 + KEY_BLOCK - 1 > lowest; /* some key of this block lies past some lane's position */
+        vi visible[KEY_BLOCK];
+        for (int j = 0; j < KEY_BLOCK; j++) {
+            visible[j] = causal ? pos >= (int32_t)(t0 + j) : (vi){0} - 1;
+            s[j] = (vf)(((vi)s[j] & visible[j]) | ((vi)((vf){0} - INFINITY) & ~visible[j]));
+        }
+        vf block_max = s[0];
+        for (int j = 1; j < KEY_BLOCK; j++) block_max = max16(block_max, s[j]);
+        vf m_new = max16(m, block_max), alpha = exp16(m - m_new), p[KEY_BLOCK], p_sum = {0};
+        for (int j = 0; j < KEY_BLOCK; j++) { /* exp16 floors at e^-87: masked keys get exactly 0 */
+            p[j] = (vf)((vi)exp16(s[j] - m_new) & visible[j]);
+            p_sum += p[j];
+        }
+        sum = sum * alpha + p_sum;
+        m = m_new;
+        for (int64_t d0 = 0; d0 < dim; d0 += 8) { /* 8 sums at a time in registers, over the block's 16 values */
+            vf a[8];
+            for (int u = 0; u < 8; u++) {
+                memcpy(&a[u], acc + (d0 + u) * LANES, sizeof a[u]);
+                a[u] *= alpha;
+            }
+            for (int j = 0; j < KEY_BLOCK; j++)
+                for (int u = 0; u < 8; u++) a[u] += values[j * dim + d0 + u] * p[j];
+            for (int u = 0; u < 8; u++) memcpy(acc + (d0 + u) * LANES, &a[u], sizeof a[u]);
+        }
+    }
+    for (int64_t l = 0; l < n; l++) { /* out = acc / sum, lane by lane back into rows */
+        float inv = 1.0f / sum[l], row[LANES * MAX_CHUNKS];
+        for (int64_t d = 0; d < dim; d++) row[d] = acc[d * LANES + l] * inv;
+        for (int64_t c = 0; c < dim; c += LANES) {
+            vf x;
+            memcpy(&x, row + c, sizeof x);
+            store16(element_mut(out, q_rows[l] * dim + c, is_bf16), x, is_bf16);
+        }
+    }
+    return 0;
+}
+
+/* q, out: (N, n_heads, dim) contiguous; k, v: one layer's cache as for paged_decode_attention. Chunk c's queries
+ * are rows firsts[c] .. firsts[c] + counts[c] - 1 of q, at positions starts[c] .. starts[c] + counts[c] - 1 of
+ * the row whose page table is tables[c] (max_pages int64); each attends to positions 0 .. its own, its chunk's
+ * entries already written. Only the chunks' rows of out are written. The caller checks that counts >= 1, that
+ * the chunks lie within q and their positions within their pages. Returns as paged_decode_attention. */
+int paged_chunk_attention(const void *q, const void *k, const void *v, void *out, const int64_t *tables,
+                          const int64_t *starts, const int64_t *counts, const int64_t *firsts, int64_t n_chunks,
+                          int64_t n_heads, int64_t n_kv_heads, int64_t dim, int64_t max_pages, int64_t page_size,
+                          int64_t num_pages, float scale, int is_bf16, int num_threads) {
+    if (dim % LANES != 0 || dim > LANES * MAX_CHUNKS) return -3;
+    int64_t n_rep = n_heads / n_kv_heads, items = 0;
+    int64_t *item_of = malloc((size_t)(n_chunks + 1) * sizeof(int64_t)); /* chunk c's first work item */
+    if (item_of == NULL) return -2;
+    for (int64_t c = 0; c < n_chunks; c++) {
+        item_of[c] = items;
+        items += n_kv_heads * ((counts[c] * n_rep + LANES - 1) / LANES);
+    }
+    item_of[n_chunks] = items;
+    int status = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *work = malloc((size_t)(2 * (LANES + KEY_BLOCK) * dim) * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; i++) {
+            int64_t item = items - 1 - i, c = n_chunks - 1; /* the last lanes of a chunk read the most keys: first */
+            while (item_of[c] > item) c--;
+            int64_t blocks = (counts[c] * n_rep + LANES - 1) / LANES, local = item - item_of[c];
+            int64_t g = local / blocks, lane0 = local % blocks * LANES;
+            int rc = -2;
+            if (work != NULL) {
+#define ATTEND(DIM) attend_chunk_lanes(q, k, v, out, tables + c * max_pages, starts[c], firsts[c], counts[c] * n_rep, \
+                                       lane0, g, n_heads, n_kv_heads, n_rep, DIM, page_size, num_pages, scale,      \
+                                       is_bf16, work)
+                switch (dim) {
+                    case 64: rc = ATTEND(64); break;
+                    case 128: rc = ATTEND(128); break;
+                    default: rc = ATTEND(dim);
+                }
+#undef ATTEND
+            }
+            if (rc != 0) {
+#pragma omp atomic write
+                status = rc;
+            }
+        }
+        free(work);
+    }
+    free(item_of);
     return status;
 }

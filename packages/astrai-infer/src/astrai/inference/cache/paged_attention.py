@@ -1,21 +1,24 @@
-"""Attention read in place from the paged KV cache (a small C kernel, built on first use): one query per row
-over that row's cached positions. It serves decodes, and in packed steps (`astrai.inference.cache.view`) also
-each query of a short continued prefill chunk, over its row's positions up to its own.
+"""Attention read in place from the paged KV cache (a small C kernel, built on first use): queries attend to their
+row's cached positions where they lie in the pages.
 
-Without it a decode step gathers every row's whole history out of the pages, for every layer (a copy as large
-as the cache it reads), before attention reads that copy again. On a CPU the copy and the second read cost more
-than every projection of the step together. `paged_decode_attention` reads each cached key and value row once,
-where it lies (keys for the scores, then values for the weighted sum), every query head of a row sharing each
-read.
+Without it a step gathers every row's whole history out of the pages, for every layer (a copy as large as the
+cache it reads), before attention reads that copy again. On a CPU the copy and the second read cost more than
+every projection of a decode step together. The kernel reads each cached key and value row where it lies, and
+once for all the queries that share it:
 
-The kernel is `paged_attention.c` beside this file, built on first use by `astrai.model.native.build` (the
+- `PagedRows` (decodes): one query per row, every query head of the row sharing each read;
+- `PagedChunks` (prefill chunks in packed steps, `astrai.inference.cache.view`): a chunk of consecutive queries
+  of one row, each attending causally up to its own position; 16 (token, head) pairs share each read and every
+  multiply-add (flash attention with an online softmax), about twice as fast as torch's SDPA on the CPU.
+
+Each is checked once per step (page tables, lengths, positions) and its `attend` then serves every layer of the
+step with only the cheap checks of q and that layer's pages.
+
+The kernels are `paged_attention.c` beside this file, built on first use by `astrai.model.native.build` (the
 machine's C compiler, this CPU, cached under `$ASTRAI_CACHE_DIR/kernels`, OpenMP on torch's own threads). Where
-it cannot be built (a warning says why) or `ASTRAI_NATIVE_KERNELS=0`, `available()` is False and the engine
-runs padded steps that gather the history instead. It covers float32 and bfloat16 caches on the CPU; the test
-suite checks it against the gather + softmax reference.
-
-`PagedRows` checks a step's page table and lengths once; its `attend` then serves every layer of the step
-with only the cheap checks of q and that layer's pages.
+they cannot be built (a warning says why) or `ASTRAI_NATIVE_KERNELS=0`, `available()` is False and the engine
+runs padded steps that gather the history instead. They cover float32 and bfloat16 caches on the CPU; the test
+suite checks them against the gather + softmax reference.
 """
 
 from __future__ import annotations
@@ -83,16 +86,8 @@ class PagedRows:
     of `page_size` positions. `attend` runs `paged_decode_attention` for these rows over any layer's pages."""
 
     def __init__(self, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> None:
-        if _library() is None:
-            raise RuntimeError("the paged attention kernel is not available here (see paged_attention.available())")
-        elsewhere = [name for name, t in (("page_table", page_table), ("seq_lens", seq_lens)) if not t.is_cpu]
-        if elsewhere:
-            raise ValueError(f"{', '.join(elsewhere)}: the kernel reads CPU memory only")
-        if page_table.dtype != torch.int64 or page_table.dim() != 2:
-            raise ValueError(f"page_table {page_table.dtype} {tuple(page_table.shape)}: need int64 (B, P)")
+        _check_rows(page_table, page_size, seq_lens=seq_lens)
         B = page_table.shape[0]
-        if seq_lens.dtype != torch.int64 or seq_lens.shape != (B,):
-            raise ValueError(f"seq_lens {seq_lens.dtype} {tuple(seq_lens.shape)}: need int64 (B={B},)")
         capacity = page_table.shape[1] * page_size
         if B and not 0 <= int(seq_lens.min()) <= int(seq_lens.max()) <= capacity:
             raise ValueError(
@@ -105,34 +100,116 @@ class PagedRows:
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q (B, H, d) over one layer's pages k_cache, v_cache (pages, page_size, Hkv, d) -> (B, H, d)."""
-        if q.dim() != 3 or k_cache.dim() != 4:
-            raise ValueError(
-                f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}: need (B, H, d) and (pages, page_size, Hkv, d)"
-            )
-        B, H, d = q.shape
-        pages, page_size, Hkv, dk = k_cache.shape
-        if v_cache.shape != k_cache.shape or dk != d or H % Hkv or B != self.seq_lens.shape[0]:
-            raise ValueError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}: "
-                             f"need (B={self.seq_lens.shape[0]}, H, d) and equal (pages, page_size, Hkv, d) with H "
-                             "a multiple of Hkv")  # fmt: skip
-        if page_size != self.page_size:
-            raise ValueError(f"k_cache pages of {page_size} positions: these rows were checked for {self.page_size}")
-        if d % _LANES or d > _MAX_HEAD_DIM:
-            raise ValueError(f"head size {d}: the kernel takes a multiple of {_LANES} up to {_MAX_HEAD_DIM}")
-        if not (q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in _DTYPES):
-            raise ValueError(f"dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}: need one of {list(_DTYPES)}")
-        if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu):
-            raise ValueError("q, k_cache, v_cache: the kernel reads CPU memory only")
-        q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()  # cache layers: no copy
+        B = self.seq_lens.shape[0]
+        q, k_cache, v_cache = _checked_layer(q, k_cache, v_cache, self.page_size, f"B={B}")
+        if q.shape[0] != B:
+            raise ValueError(f"q {tuple(q.shape)}: these rows need (B={B}, H, d)")
         out = torch.empty_like(q)
-        status = _library().paged_decode_attention(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), self.page_table.data_ptr(),
-            self.seq_lens.data_ptr(), B, H, Hkv, d, self.page_table.shape[1], page_size, pages, scale,
-            _DTYPES[q.dtype], torch.get_num_threads(),
+        _run(
+            "paged_decode_attention", q, k_cache, v_cache, out, self.page_table.data_ptr(), self.seq_lens.data_ptr(),
+            B, self.page_table.shape[1], scale,
         )  # fmt: skip
-        if status:
-            raise RuntimeError(f"paged_decode_attention: {_ERRORS.get(status, f'error {status}')}")
         return out
+
+
+class PagedChunks:
+    """The prefill chunks of one step, checked once. Chunk c is `counts[c]` (>= 1) consecutive queries, rows
+    `firsts[c] ..` of the step's q, at positions `starts[c] ..` of the row whose pages are `page_table[c]`
+    ((C, P) int64); each query attends to its row's positions up to its own, the chunk's own entries included
+    (written before `attend`). `attend` runs `paged_chunk_attention` for these chunks over any layer's pages."""
+
+    def __init__(
+        self, page_table: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, firsts: torch.Tensor, page_size: int
+    ) -> None:
+        _check_rows(page_table, page_size, starts=starts, counts=counts, firsts=firsts)
+        C = page_table.shape[0]
+        if C and int(counts.min()) < 1:
+            raise ValueError(f"counts {counts.tolist()}: every chunk has at least one query")
+        if C and int(starts.min()) < 0:
+            raise ValueError(f"starts {starts.tolist()}: positions start at 0")
+        capacity = page_table.shape[1] * page_size
+        if C and int((starts + counts).max()) > capacity:
+            raise ValueError(
+                f"starts {starts.tolist()}, counts {counts.tolist()}: need positions within {page_table.shape[1]} "
+                f"pages x {page_size}"
+            )
+        if C and int(firsts.min()) < 0:
+            raise ValueError(f"firsts {firsts.tolist()}: rows of q start at 0")
+        self.rows = int((firsts + counts).max()) if C else 0  # q needs at least this many rows
+        self.page_table, self.starts, self.counts, self.firsts = (
+            t.clone(memory_format=torch.contiguous_format) for t in (page_table, starts, counts, firsts)
+        )  # copies, as PagedRows'
+        self.page_size = page_size
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, out: torch.Tensor
+    ) -> None:
+        """The chunks' queries, rows of q (N, H, d), over one layer's pages k_cache, v_cache (pages, page_size,
+        Hkv, d): written into the same rows of `out` (N, H, d) contiguous, its other rows left as they are."""
+        q, k_cache, v_cache = _checked_layer(q, k_cache, v_cache, self.page_size, "N")
+        if q.shape[0] < self.rows:
+            raise ValueError(f"q {tuple(q.shape)}: these chunks reach row {self.rows - 1}")
+        if out.shape != q.shape or out.dtype != q.dtype or not (out.is_cpu and out.is_contiguous()):
+            raise ValueError(f"out {out.dtype} {tuple(out.shape)}: need q's {q.dtype} {tuple(q.shape)}, contiguous")
+        _run(
+            "paged_chunk_attention", q, k_cache, v_cache, out, self.page_table.data_ptr(), self.starts.data_ptr(),
+            self.counts.data_ptr(), self.firsts.data_ptr(), self.page_table.shape[0], self.page_table.shape[1],
+            scale,
+        )  # fmt: skip
+
+
+def _check_rows(page_table: torch.Tensor, page_size: int, **per_row: torch.Tensor) -> None:
+    """A step's page table (B, P) int64 and its per-row int64 (B,) tensors, on the CPU; the kernel is built."""
+    if _library() is None:
+        raise RuntimeError("the paged attention kernel is not available here (see paged_attention.available())")
+    tensors = {"page_table": page_table, **per_row}
+    elsewhere = [name for name, t in tensors.items() if not t.is_cpu]
+    if elsewhere:
+        raise ValueError(f"{', '.join(elsewhere)}: the kernel reads CPU memory only")
+    if page_table.dtype != torch.int64 or page_table.dim() != 2:
+        raise ValueError(f"page_table {page_table.dtype} {tuple(page_table.shape)}: need int64 (B, P)")
+    B = page_table.shape[0]
+    for name, t in per_row.items():
+        if t.dtype != torch.int64 or t.shape != (B,):
+            raise ValueError(f"{name} {t.dtype} {tuple(t.shape)}: need int64 (B={B},)")
+    if page_size < 1:
+        raise ValueError(f"page_size {page_size}: need at least 1")
+
+
+def _checked_layer(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_size: int, rows: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (rows, H, d) and one layer's pages (pages, page_size, Hkv, d) as the kernel takes them, contiguous."""
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}: "
+                         f"need ({rows}, H, d) and equal (pages, page_size, Hkv, d)")  # fmt: skip
+    _, H, d = q.shape
+    _, pages_of, Hkv, dk = k_cache.shape
+    if dk != d or H % Hkv:
+        raise ValueError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}: need the same d and H a multiple "
+                         "of Hkv")  # fmt: skip
+    if pages_of != page_size:
+        raise ValueError(f"k_cache pages of {pages_of} positions: these rows were checked for {page_size}")
+    if d % _LANES or d > _MAX_HEAD_DIM:
+        raise ValueError(f"head size {d}: the kernel takes a multiple of {_LANES} up to {_MAX_HEAD_DIM}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in _DTYPES):
+        raise ValueError(f"dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}: need one of {list(_DTYPES)}")
+    if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu):
+        raise ValueError("q, k_cache, v_cache: the kernel reads CPU memory only")
+    return q.contiguous(), k_cache.contiguous(), v_cache.contiguous()  # cache layers: no copy
+
+
+def _run(name: str, q, k_cache, v_cache, out, *rows_and_scale) -> None:
+    """Call kernel `name` on checked arguments: q, the layer's pages, out, then its own row arguments (pointers
+    and counts, ending with the page table's width and the scale); raise on its error status."""
+    pages, page_size, Hkv, d = k_cache.shape
+    *rows, max_pages, scale = rows_and_scale
+    status = getattr(_library(), name)(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), *rows, q.shape[1], Hkv, d, max_pages,
+        page_size, pages, scale, _DTYPES[q.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise RuntimeError(f"{name}: {_ERRORS.get(status, f'error {status}')}")
 
 
 @functools.cache
@@ -140,8 +217,9 @@ def _library() -> ctypes.CDLL | None:
     lib = load_library(_SOURCE, "paged attention kernel")
     if lib is None:
         return None
-    fn = lib.paged_decode_attention
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    i64, ptr, tail = ctypes.c_int64, ctypes.c_void_p, [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.paged_decode_attention.argtypes = [ptr] * 6 + [i64] * 7 + tail
+    lib.paged_chunk_attention.argtypes = [ptr] * 8 + [i64] * 7 + tail
+    for fn in (lib.paged_decode_attention, lib.paged_chunk_attention):
+        fn.restype = ctypes.c_int
     return lib

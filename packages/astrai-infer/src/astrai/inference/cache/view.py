@@ -9,8 +9,8 @@ returns positions `0 .. total_len[b] - 1` of every row, right-padded to `S = max
 
 A packed view (`packed_rows` given: each row's first position and new-token count, on the host) takes the
 step's tokens as one unpadded row, `(1, N, ...)`, row after row (see `astrai.protocols.KVCacheView`), and
-attends every query itself (`_PackedStep`): decodes through the kernel, prefill chunks by SDPA over their own
-or their row's gathered entries. A packed view needs the kernel (`in_place_supported`); the engine binds
+attends every query itself (`_PackedStep`), in place through the kernel: decodes one query per row, prefill
+chunks causally over their row's pages. A packed view needs the kernel (`in_place_supported`); the engine binds
 padded steps otherwise.
 
 Slot indices depend only on the page tables and lengths, not on the layer, so they are computed once per
@@ -24,9 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from astrai.inference.cache.paged_attention import PagedRows, supports_cache
+from astrai.inference.cache.paged_attention import PagedChunks, PagedRows, supports_cache
 from astrai.inference.cache.storage import Storage
-from astrai.model.sdpa import sdpa
 
 
 def in_place_supported(storage: Storage) -> bool:
@@ -113,10 +112,9 @@ class KvcacheView:
 class _PackedStep:
     """Where a packed step's tokens go and how each query attends: computed once, used by every layer.
 
-    A chunk with nothing cached before it attends over its own entries (causal SDPA). A continued chunk of
-    at least `_GATHER_CHUNK` tokens gathers its row's entries and attends with SDPA under a mask (a matrix
-    product beats reading the history once per query). Every other token (decodes, short continued chunks)
-    goes through the kernel, over its row's pages up to its own position.
+    A row bringing one token (a decode) attends through `PagedRows`; a row bringing a chunk of several (a prefill
+    chunk, first or continued) through `PagedChunks`, causally over its row's pages up to each query's position.
+    Both read the pages in place, after the step's entries are written.
     """
 
     def __init__(self, storage: Storage, page_table: torch.Tensor, rows: Sequence[tuple[int, int]]):
@@ -127,63 +125,36 @@ class _PackedStep:
         self._storage = storage
         device = page_table.device
         starts = torch.tensor([s for s, _ in rows], dtype=torch.int64, device=device)
-        self.causal: list[tuple[int, int]] = []  # token ranges of first chunks
-        self.gathered: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []  # + reads, mask
-        self.kernel_tokens: torch.Tensor | None = None  # None: every token
-        if all(n == 1 for _, n in rows):  # a decode step: one token per row, all through the kernel
-            self.slots = storage.write_index(page_table, starts, None, 1)[:, 0]
-            self.kernel_rows = PagedRows(page_table, starts + 1, storage.page_size)
-            return
         counts = torch.tensor([n for _, n in rows], dtype=torch.int64, device=device)
+        self.decode_tokens: torch.Tensor | None = None  # the decodes' tokens; None: every token is one
+        self.decodes: PagedRows | None = None
+        self.chunks: PagedChunks | None = None
+        if bool((counts == 1).all()):  # a decode step: one token per row
+            self.slots = storage.write_index(page_table, starts, None, 1)[:, 0]
+            self.decodes = PagedRows(page_table, starts + 1, storage.page_size)
+            return
         row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)  # (N,) row of each token
         first = torch.cumsum(counts, 0) - counts  # (B,) index of each row's first token
         positions = starts[row_of] + torch.arange(row_of.shape[0], device=device) - first[row_of]  # (N,)
-        tables = page_table.index_select(0, row_of)  # (N, P): each token's row's page table
-        self.slots = storage.write_index(tables, positions, None, 1)[:, 0]  # (N,) flat write slots
-        in_kernel = torch.ones(row_of.shape[0], dtype=torch.bool)
-        offset = 0
-        for b, (start, n) in enumerate(rows):
-            lo, hi = offset, offset + n
-            offset = hi
-            if start == 0 and n > 1:
-                self.causal.append((lo, hi))
-            elif n >= _GATHER_CHUNK:
-                reads = storage.read_index(page_table[b : b + 1], start + n, start + n)
-                keys = torch.arange(start + n, device=device)
-                mask = keys[None, :] <= torch.arange(start, start + n, device=device)[:, None]  # (n, S)
-                self.gathered.append((lo, hi, reads, mask[None, None]))
-            else:
-                continue  # through the kernel
-            in_kernel[lo:hi] = False
-        if not bool(in_kernel.all()):
-            self.kernel_tokens = in_kernel.nonzero()[:, 0].to(device)
-            tables, positions = tables[self.kernel_tokens], positions[self.kernel_tokens]
-        self.kernel_rows = PagedRows(tables, positions + 1, storage.page_size)
+        self.slots = storage.write_index(page_table.index_select(0, row_of), positions, None, 1)[:, 0]  # (N,)
+        chunked = (counts > 1).nonzero()[:, 0]
+        self.chunks = PagedChunks(
+            page_table[chunked], starts[chunked], counts[chunked], first[chunked], storage.page_size
+        )
+        decoded = (counts == 1).nonzero()[:, 0]
+        if decoded.numel():
+            self.decode_tokens = first[decoded]
+            self.decodes = PagedRows(page_table[decoded], starts[decoded] + 1, storage.page_size)
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q (N, H, d), this step's k, v (N, Hkv, d) -> (N, H, d)."""
+        """q (N, H, d), this step's k, v (N, Hkv, d), already written -> (N, H, d)."""
         k_cache, v_cache = self._storage.k_cache[layer_id], self._storage.v_cache[layer_id]
-        if self.kernel_tokens is None:
-            return self.kernel_rows.attend(q, k_cache, v_cache, scale)
-        if self.causal == [(0, q.shape[0])]:  # one first chunk and nothing else
-            return _sdpa(q, k, v, None, scale)
+        if self.chunks is None:
+            return self.decodes.attend(q, k_cache, v_cache, scale)
+        q = q.contiguous()
         out = torch.empty_like(q)
-        if self.kernel_tokens.numel():
-            rows = self.kernel_tokens
-            out[rows] = self.kernel_rows.attend(q[rows], k_cache, v_cache, scale)
-        for lo, hi in self.causal:
-            out[lo:hi] = _sdpa(q[lo:hi], k[lo:hi], v[lo:hi], None, scale)
-        for lo, hi, reads, mask in self.gathered:
-            keys, values = self._storage.read_slots(layer_id, *reads)  # (1, S, Hkv, d)
-            out[lo:hi] = _sdpa(q[lo:hi], keys[0], values[0], mask, scale)
+        self.chunks.attend(q, k_cache, v_cache, scale, out)
+        if self.decodes is not None:
+            tokens = self.decode_tokens
+            out[tokens] = self.decodes.attend(q[tokens], k_cache, v_cache, scale)
         return out
-
-
-_GATHER_CHUNK = 16  # continued chunks of at least this many tokens attend over their gathered row (see above)
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Attention of one chunk's queries q (T, H, d) over k, v (S, Hkv, d): causal over its own entries when
-    `mask` is None, else under the (1, 1, T, S) mask -> (T, H, d)."""
-    out = sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask, True, scale)
-    return out[0].transpose(0, 1)
