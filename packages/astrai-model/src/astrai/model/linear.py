@@ -136,25 +136,36 @@ def fused_linear(x: Tensor, layers: tuple[Linear, ...]) -> tuple[Tensor, ...]:
     a bfloat16 batch-1 step ~6%. The outputs are then column slices of one (..., sum(out)) tensor.
     """
     first = layers[0]
-    if not (
-        first._pack
-        and torch.is_inference_mode_enabled()
-        and not (x.dtype == torch.float32 and x.numel() <= _SPLIT_ROWS * first.in_features)
-    ):
+    if x.dtype == torch.float32 and x.numel() <= _SPLIT_ROWS * first.in_features:
+        return tuple(layer(x) for layer in layers)  # the split product, layer by layer
+    group = packed_group(layers, x.dtype)
+    if group is None:
         return tuple(layer(x) for layer in layers)
-    weights = [layer.weight for layer in layers]
+    packed, bias, widths = group
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, first.in_features), packed, bias, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1]).split_with_sizes(widths, -1)
+
+
+def packed_group(layers: tuple[Linear, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor | None, list[int]] | None:
+    """The packed concatenated weight of `layers` for `dtype` inputs under `torch.inference_mode()`, with the
+    concatenated bias (or None) and each layer's output width; re-packed when a weight changed since (as
+    `Linear` re-packs its own). None where the packed kernels do not serve (`fused_linear` runs the layers)."""
+    first = layers[0]
+    if not (first._pack and torch.is_inference_mode_enabled()):
+        return None
     group = first._group_packed
     if (
         group is None
-        or group[1].dtype != x.dtype
-        or any(w is not w0 or w._version != v or w.data_ptr() != p for w, (w0, v, p) in zip(weights, group[0]))
+        or group[1].dtype != dtype
+        or any(
+            layer.weight is not w or w._version != version or w.data_ptr() != ptr
+            for layer, (w, version, ptr) in zip(layers, group[0], strict=True)
+        )
     ):
-        group = _pack_group(layers, weights, x.dtype)
+        group = _pack_group(layers, [layer.weight for layer in layers], dtype)
         if group is None:
-            return tuple(layer(x) for layer in layers)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, first.in_features), group[1], group[2], "none", [], "")
-    y = y.view(*x.shape[:-1], y.shape[-1])
-    return y.split(group[3], dim=-1)
+            return None
+    return group[1], group[2], group[3]
 
 
 def _pack_group(layers: tuple[Linear, ...], weights: list[Tensor], dtype: torch.dtype) -> tuple | None:

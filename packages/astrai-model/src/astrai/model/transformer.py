@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from astrai.config import AutoRegressiveLMConfig
+from astrai.model import cpu_step
 from astrai.model.automodel import AutoModel
 from astrai.model.decoder_block import DecoderBlock
 from astrai.model.embedding import Embedding
@@ -74,8 +75,12 @@ class AutoRegressiveLM(AutoModel, share_registry=True):
         rotary_emb = self.rotary_embedding(input_ids, position_ids)  # (cos, sin), (B, T, rope_dim) float32
 
         h = self.embed_tokens(input_ids)  # (B, T, dim)
-        for layer in self.layers:
-            h = layer(h, rotary_emb, mask, paged_cache)
+        fast = cpu_step.run_layers(self.layers, h, rotary_emb, paged_cache) if packed else None
+        if fast is not None:  # a packed CPU inference step: the same calls, checked once per step
+            h = fast
+        else:
+            for layer in self.layers:
+                h = layer(h, rotary_emb, mask, paged_cache)
         h = self.norm(h)
         if logits_index is None:
             return {"logits": self.lm_head(h), "hidden_states": h}

@@ -39,11 +39,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     if stride is None or weight.shape != (dim,) or not weight.is_contiguous() or not _serves(x, weight):
         return None
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    rms_norm_into(x, stride, weight, eps, out)
+    return out
+
+
+def rms_norm_into(x: Tensor, stride: int, weight: Tensor, eps: float, out: Tensor) -> None:
+    """`rms_norm`'s kernel call into `out` (contiguous, x's shape), on arguments already checked as `rms_norm`
+    checks them (x's rows `stride` elements apart)."""
+    dim = x.shape[-1]
     rows = out.numel() // dim if dim else 0
     if rows:
         _library().rms_norm(x.data_ptr(), stride, weight.data_ptr(), out.data_ptr(), rows, dim, eps,
                             _DTYPES[x.dtype], torch.get_num_threads())  # fmt: skip
-    return out
 
 
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -61,26 +68,42 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
         return None
     q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
     k_out = torch.empty_like(k, memory_format=torch.contiguous_format)
-    if B * T:
-        _library().rotary(q.data_ptr(), q_stride, H, k.data_ptr(), k_stride, Hkv, cos.data_ptr(), sin.data_ptr(),
-                          q_out.data_ptr(), k_out.data_ptr(), B * T, d, _DTYPES[q.dtype],
-                          torch.get_num_threads())  # fmt: skip
+    rotary_into(q, q_stride, k, k_stride, cos, sin, q_out, k_out)
     return q_out, k_out
+
+
+def rotary_into(
+    q: Tensor, q_stride: int, k: Tensor, k_stride: int, cos: Tensor, sin: Tensor, q_out: Tensor, k_out: Tensor
+) -> None:
+    """`rotary`'s kernel call into `q_out`, `k_out` (contiguous, q's and k's shapes), on arguments already
+    checked as `rotary` checks them (each token's heads of q `q_stride` elements after the last's, of k
+    `k_stride`)."""
+    B, T, H, d = q.shape
+    if B * T:
+        _library().rotary(q.data_ptr(), q_stride, H, k.data_ptr(), k_stride, k.shape[2], cos.data_ptr(),
+                          sin.data_ptr(), q_out.data_ptr(), k_out.data_ptr(), B * T, d, _DTYPES[q.dtype],
+                          torch.get_num_threads())  # fmt: skip
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor | None:
     """`F.silu(gate) * up` for gate, up (..., F) of one shape and row layout (e.g. two column slices of one
     projection's output): a new contiguous tensor, or None where the kernel does not serve."""
-    dim = gate.shape[-1]
     stride = _row_stride(gate)
     if stride is None or up.shape != gate.shape or up.stride() != gate.stride() or not _serves(gate, up):
         return None
     out = torch.empty_like(gate, memory_format=torch.contiguous_format)
+    silu_mul_into(gate, up, stride, out)
+    return out
+
+
+def silu_mul_into(gate: Tensor, up: Tensor, stride: int, out: Tensor) -> None:
+    """`silu_mul`'s kernel call into `out` (contiguous, gate's shape), on arguments already checked as
+    `silu_mul` checks them (rows of gate and of up `stride` elements apart)."""
+    dim = gate.shape[-1]
     rows = out.numel() // dim if dim else 0
     if rows:
         _library().silu_mul(gate.data_ptr(), up.data_ptr(), stride, out.data_ptr(), rows, dim, _DTYPES[gate.dtype],
                             torch.get_num_threads())  # fmt: skip
-    return out
 
 
 def _serves(a: Tensor, b: Tensor) -> bool:
