@@ -21,7 +21,7 @@ from astrai.inference import (
     SamplingParams,
 )
 from astrai.model import AutoRegressiveLM
-from astrai.model.native import fused
+from astrai.model.native import fused, matmul
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -91,9 +91,11 @@ def test_engine_start_builds_the_kernels_before_any_request(make_engine, monkeyp
     """The C kernels are compiled (or loaded) while the engine starts, not inside the first request."""
     monkeypatch.setattr(fused, "_library", functools.cache(fused._library.__wrapped__))  # forgets any earlier load
     monkeypatch.setattr(paged_attention, "_library", functools.cache(paged_attention._library.__wrapped__))
-    engine = make_engine()
+    monkeypatch.setattr(matmul, "_library", functools.cache(matmul._library.__wrapped__))
+    engine = make_engine()  # a float32 model: its packed layers use the float32 matrix product
     executor = engine.scheduler.executor
-    assert fused._library.cache_info().currsize == 1 and paged_attention._library.cache_info().currsize == 1
+    libraries = (fused._library, paged_attention._library, matmul._library)
+    assert [library.cache_info().currsize for library in libraries] == [1, 1, 1]
     assert executor.fused_kernels is fused.available() and executor.packs_steps is paged_attention.available()
 
 

@@ -27,7 +27,8 @@ def test_linear_and_embedding_init():
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 40, 300])
 @pytest.mark.parametrize("out_dim", [96, 97])
 def test_linear_inference_kernels_match_float64(rows, out_dim):
-    # Packed: up to 4 rows the row-split batched product (odd out_dim: one block), above it oneDNN packed weights.
+    # Packed: up to 2 rows the row-split batched product (odd out_dim: one block), above it the float32 kernel
+    # (out_dim a multiple of 16) or oneDNN packed weights.
     torch.manual_seed(0)
     linear = Linear(64, out_dim, bias=True)
     with torch.no_grad():

@@ -1,5 +1,6 @@
-"""The C kernels' build cache (`astrai.model.native.build`) and the fused CPU kernels (`native.fused`) against
-the torch expressions they replace, alone and inside the model's layers."""
+"""The C kernels' build cache (`astrai.model.native.build`), the fused CPU kernels (`native.fused`) and the
+float32 matrix product (`native.matmul`) against the torch expressions they replace, alone and inside the
+model's layers."""
 
 import platform
 import shutil
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from astrai.model import AutoRegressiveLM, RMSNorm
-from astrai.model.native import build, fused
+from astrai.model.native import build, fused, matmul
 from astrai.model.rope import apply_rotary_emb
 
 HAS_COMPILER = platform.system() == "Linux" and any(shutil.which(c) for c in ("cc", "gcc"))
@@ -137,6 +138,44 @@ def test_rms_norm_module_uses_the_kernel_under_inference_mode(monkeypatch):
     slow = norm(x)  # autograd: torch's ops
     assert served == [True, False]
     torch.testing.assert_close(fast, slow.detach())
+
+
+@pytest.mark.parametrize("M", [0, 1, 2, 13, 16, 17, 31, 300])  # last row groups of 1-16
+@pytest.mark.parametrize("K, N", [(384, 640), (1152, 384), (40, 16)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_equals_the_float64_product(M, K, N, threads):
+    gen = torch.Generator().manual_seed(M + K)
+    x, weight, bias = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
+    packed = matmul.pack(weight)
+    assert packed.shape == (N // 16, K, 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plain, biased = matmul.linear(x, packed), matmul.linear(x, packed, bias)
+        strided = matmul.linear(torch.cat((x, x), dim=1)[:, :K], packed)  # a non-contiguous x is copied first
+    finally:
+        torch.set_num_threads(before)
+    for got, b in ((plain, None), (biased, bias), (strided, None)):
+        expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
+        assert got.shape == (M, N) and got.dtype == torch.float32
+        # float32 rounding of K products summed in another order: a few ulps of the sum of their magnitudes
+        scale = (x.double().abs() @ weight.double().abs().T).clamp(min=1)
+        assert ((got.double() - expected).abs() <= 4 * 2**-24 * scale * K**0.5).all()
+
+
+def test_matmul_serves_float32_in_blocks_of_16_outputs_only():
+    weight = torch.randn(32, 8)
+    assert matmul.pack(weight.bfloat16()) is None and matmul.pack(torch.randn(33, 8)) is None
+    assert matmul.pack(weight.to("meta")) is None
+    packed = matmul.pack(weight)
+    with pytest.raises(ValueError, match="x"):
+        matmul.linear(torch.randn(3, 9), packed)  # another in_features
+    with pytest.raises(ValueError, match="x"):
+        matmul.linear(torch.randn(3, 8).double(), packed)
+    with pytest.raises(ValueError, match="bias"):
+        matmul.linear(torch.randn(3, 8), packed, torch.randn(16))
+    with pytest.raises(ValueError, match="packed"):
+        matmul.linear(torch.randn(3, 8), weight.view(2, 8, 16).transpose(1, 2))  # not what pack() returns
 
 
 def test_the_build_is_cached_by_source_and_header(tmp_path, monkeypatch):

@@ -2,8 +2,9 @@
 
 The module path (`DecoderBlock` -> `RMSNorm`, `GQA`, `MLP`, `Linear`) decides at every call whether its kernel
 serves the arguments and whether each packed weight is still current. In a small model's decode step that
-Python costs as much as a good part of the arithmetic around the matrix products: ~0.7 ms of an 8 ms
-16-sequence float32 step of the benchmark's 20M model, ~0.7 ms of a 3.8 ms bfloat16 batch-1 step. In a packed
+Python is a good part of the time around the matrix products: with the benchmark's 20M model, interleaved A/B
+runs gave 5.5 -> 4.9 ms for a bfloat16 batch-1 step, 8.1 -> 7.5 ms for 16 bfloat16 sequences, 11.4 -> 11.0
+ms for 16 float32 sequences (a busy machine). In a packed
 step (`KVCacheView.packed`) under `torch.inference_mode()` on the CPU the answers are the same for every layer,
 so `run_layers` checks them once per step and then runs each layer as its bare sequence of calls: the fused
 RMSNorm, one packed q/k/v product, the fused rotary embedding, the cache's write and attend, the output
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from astrai.model.attention import GQA
 from astrai.model.decoder_block import DecoderBlock
-from astrai.model.linear import _SPLIT_ROWS, packed_group
+from astrai.model.linear import _SPLIT_ROWS, packed_group, packed_linear
 from astrai.model.mlp import MLP
 from astrai.model.native import fused
 from astrai.protocols import KVCacheView
@@ -117,5 +118,5 @@ def _layer(block: DecoderBlock, packed: tuple, x: Tensor, cos: Tensor, sin: Tens
 
 def _linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
     """x (1, N, in) through a packed weight -> (1, N, out)."""
-    y = torch.ops.mkldnn._linear_pointwise(x.view(x.shape[1], x.shape[2]), packed, bias, "none", [], "")
+    y = packed_linear(x.view(x.shape[1], x.shape[2]), packed, bias)
     return y.view(1, *y.shape)

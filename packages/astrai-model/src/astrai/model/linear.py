@@ -5,17 +5,23 @@ used only under `torch.inference_mode()`; training and `no_grad` evaluation alwa
 `F.linear` up to summation order and are tested against it. Figures: torch 2.13 on a 2-core AVX-512 machine,
 the 20M-parameter model of `benchmarks/bench_generate.py`.
 
-- Packed weights: each layer keeps a copy of its weight reordered into oneDNN's blocked layout
-  (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's freezing uses) and multiplies through
-  oneDNN instead of MKL: 1.2-1.5x faster projections at 1-512 rows, 3x faster LM heads at 1-16 rows, in
-  float32 and bfloat16 (bit-identical to `F.linear` in bfloat16 here); a 16-sequence decode step 18 -> 11 ms.
+- Packed weights: each layer keeps a copy of its weight laid out for a faster product than MKL's, and
+  multiplies through it (`packed_linear`):
+  - float32: 16 outputs at a time for `astrai.model.native.matmul`'s kernel, which reads each weight once per
+    16 rows of x; 1.2-1.35x faster than oneDNN's blocked product at 13-30 rows (a decode step's), within 5% of
+    it at hundreds;
+  - bfloat16 (or float32 where that kernel is not built): oneDNN's blocked layout
+    (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's freezing uses), 1.2-1.5x faster
+    projections than MKL at 1-512 rows and 3x faster LM heads at 1-16 rows (bit-identical to `F.linear` in
+    bfloat16 here); a 16-sequence decode step 18 -> 11 ms.
   The copy costs one more weight's worth of memory. It is checked against the live weight on every call
   (same tensor, `_version` and storage), so an optimizer step, `load_state_dict` or `.to()` re-packs it on
   the next inference forward instead of serving stale weights.
-- Few float32 rows (at most `_SPLIT_ROWS`, a decode step of a few sequences): both libraries run a
-  single-threaded matrix-vector product. Splitting W's output rows into one block per intra-op thread and
-  multiplying them as one batch, `bmm((k, out/k, in), (k, in, M))`, keeps every core streaming weights:
-  a batch-1 decode step takes 5 ms, against 7.5 ms packed and 10 ms with `F.linear`.
+- Few float32 rows (at most `_SPLIT_ROWS`, a decode step of one or two sequences): oneDNN and MKL run a
+  single-threaded matrix-vector product, and the float32 kernel's single sum per block waits on its own
+  latency. Splitting W's output rows into one block per intra-op thread and multiplying them as one batch,
+  `bmm((k, out/k, in), (k, in, M))`, keeps every core streaming weights: a batch-1 decode step takes 4.5 ms,
+  against 6 ms through the kernel, 7.5 ms through oneDNN and 10 ms with `F.linear`.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from astrai.model.native import matmul
+
 INIT_STD = 0.02  # transformers' default `initializer_range`
-_SPLIT_ROWS = 4  # up to this many float32 rows the split product beats packed weights (8 rows: 10 ms vs 8.5)
+_SPLIT_ROWS = 2  # up to this many float32 rows the split product beats the packed kernels (per step: 1 row 4.5 ms
+# against 6.0 through `matmul`, 3 rows 6.4 against 5.1)
 
 
 class Linear(nn.Linear):
@@ -51,9 +60,7 @@ class Linear(nn.Linear):
                 return row_split_linear(x, self.weight, self.bias)
             packed = self._packed_weight()
             if packed is not None:
-                y = torch.ops.mkldnn._linear_pointwise(
-                    x.reshape(-1, self.in_features), packed, self.bias, "none", [], ""
-                )
+                y = packed_linear(x.reshape(-1, self.in_features), packed, self.bias)
                 return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -66,17 +73,12 @@ class Linear(nn.Linear):
             if not can_pack(weight):
                 self._pack, self._packed = False, None
                 return None
-            packed = (
-                weight,
-                weight._version,
-                weight.data_ptr(),
-                torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None),
-            )
+            packed = (weight, weight._version, weight.data_ptr(), _pack_weight(weight))
             self._packed = packed
         return packed[3]
 
     def __getstate__(self) -> dict:
-        # Copies and pickles never carry the packed copy (an opaque oneDNN tensor); they re-pack on use.
+        # Copies and pickles never carry the packed copy (possibly an opaque oneDNN tensor); they re-pack on use.
         return {**self.__dict__, "_packed": None, "_group_packed": None}
 
 
@@ -116,13 +118,16 @@ def can_pack(weight: Tensor) -> bool:
 
 def pack_linear_weights(model: nn.Module, enable: bool = True) -> int:
     """Switch every `Linear` of `model` whose weight `can_pack` to the CPU inference kernels (or back, with
-    `enable=False`, dropping the packed copies). Returns how many layers use them."""
+    `enable=False`, dropping the packed copies). Returns how many layers use them. The float32 kernel is built
+    (or loaded) here, not in the first forward."""
     count = 0
     for module in model.modules():
         if isinstance(module, Linear):
             module._pack = enable and can_pack(module.weight)
             if not module._pack:
                 module._packed = module._group_packed = None
+            elif module.weight.dtype == torch.float32:
+                matmul.available()
             count += module._pack
     return count
 
@@ -130,7 +135,7 @@ def pack_linear_weights(model: nn.Module, enable: bool = True) -> int:
 def fused_linear(x: Tensor, layers: tuple[Linear, ...]) -> tuple[Tensor, ...]:
     """`tuple(layer(x) for layer in layers)` for layers reading the same input (q/k/v, gate/up).
 
-    With the packed kernels on (and more rows than the split product takes) the layers run as one oneDNN
+    With the packed kernels on (and more rows than the split product takes) the layers run as one packed
     product over their concatenated weights, packed once and kept on the first layer (instead of one copy per
     layer): one call instead of several, and a wider product; a 16-sequence decode step runs ~5% faster,
     a bfloat16 batch-1 step ~6%. The outputs are then column slices of one (..., sum(out)) tensor.
@@ -142,7 +147,7 @@ def fused_linear(x: Tensor, layers: tuple[Linear, ...]) -> tuple[Tensor, ...]:
     if group is None:
         return tuple(layer(x) for layer in layers)
     packed, bias, widths = group
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, first.in_features), packed, bias, "none", [], "")
+    y = packed_linear(x.reshape(-1, first.in_features), packed, bias)
     return y.view(*x.shape[:-1], y.shape[-1]).split_with_sizes(widths, -1)
 
 
@@ -177,8 +182,22 @@ def _pack_group(layers: tuple[Linear, ...], weights: list[Tensor], dtype: torch.
         or len({b is None for b in biases}) != 1
     ):
         return None
-    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), None)
+    packed = _pack_weight(torch.cat([w.detach() for w in weights]))
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
     keys = [(w, w._version, w.data_ptr()) for w in weights]
     layers[0]._group_packed = (keys, packed, bias, [w.shape[0] for w in weights])
     return layers[0]._group_packed
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.linear(x, W, bias)` for x (M, in) through `packed`, W's packed copy (`_pack_weight`) -> (M, out)."""
+    if packed.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return matmul.linear(x, packed, bias)
+
+
+def _pack_weight(weight: Tensor) -> Tensor:
+    """The copy of `weight` (`can_pack`) that `packed_linear` multiplies by: float32 for the native kernel where it
+    serves, else oneDNN's blocked layout."""
+    packed = matmul.pack(weight)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None) if packed is None else packed
