@@ -11,6 +11,7 @@ import torch
 import astrai.inference.cache.paged_attention as pa
 from astrai.config import AutoRegressiveLMConfig
 from astrai.inference.cache import KVCache
+from astrai.inference.cache.view import KvcacheView
 from astrai.model.sdpa import build_attention_mask, sdpa
 
 HAS_COMPILER = platform.system() == "Linux" and any(shutil.which(c) for c in ("cc", "gcc"))
@@ -369,6 +370,12 @@ def test_a_packed_step_needs_tokens_and_the_kernel(monkeypatch):
     assert cache.task_alloc("t", [1, 2, 3])
     with pytest.raises(ValueError, match="every row brings at least one token"):
         cache.bind_tasks(["t"], [0], [0], packed=True)
+    table = cache.make_table_tensor(["t"])  # one page of 8 positions
+    one = torch.ones(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="lacks position 8"):
+        KvcacheView(cache._storage, table, one * 9, one * 9, packed_rows=[(0, 9)])
+    with pytest.raises(ValueError, match="lacks position 2"):
+        KvcacheView(cache._storage, table * 0 - 1, one * 3, one * 3, packed_rows=[(0, 3)])  # no page at all
     monkeypatch.setenv("ASTRAI_NATIVE_KERNELS", "0")
     pa._library.cache_clear()
     try:

@@ -20,6 +20,7 @@ by every layer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -123,28 +124,39 @@ class _PackedStep:
         if any(n < 1 for _, n in rows):
             raise ValueError(f"packed rows {list(rows)}: every row brings at least one token")
         self._storage = storage
+        # A step has a few dozen rows and a few hundred tokens: their slots are cheaper in Python than as a dozen
+        # small tensor operations.
+        ps, tables = storage.page_size, page_table.tolist()
+        slots = []
+        for table, (start, n) in zip(tables, rows, strict=True):
+            if (start + n - 1) // ps >= len(table) or table[(start + n - 1) // ps] < 0:
+                raise ValueError(f"packed row {(start, n)}: its page table {table} lacks position {start + n - 1}")
+            slots += [table[p // ps] * ps + p % ps for p in range(start, start + n)]
         device = page_table.device
-        starts = torch.tensor([s for s, _ in rows], dtype=torch.int64, device=device)
-        counts = torch.tensor([n for _, n in rows], dtype=torch.int64, device=device)
+        self.slots = torch.tensor(slots, dtype=torch.int64, device=device)  # (N,) flat write slots
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
         self.decode_tokens: torch.Tensor | None = None  # the decodes' tokens; None: every token is one
         self.decodes: PagedRows | None = None
         self.chunks: PagedChunks | None = None
-        if bool((counts == 1).all()):  # a decode step: one token per row
-            self.slots = storage.write_index(page_table, starts, None, 1)[:, 0]
-            self.decodes = PagedRows(page_table, starts + 1, storage.page_size)
+        if all(n == 1 for _, n in rows):  # a decode step: one token per row
+            self.decodes = PagedRows(page_table, tensor([start + 1 for start, _ in rows]), ps)
             return
-        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)  # (N,) row of each token
-        first = torch.cumsum(counts, 0) - counts  # (B,) index of each row's first token
-        positions = starts[row_of] + torch.arange(row_of.shape[0], device=device) - first[row_of]  # (N,)
-        self.slots = storage.write_index(page_table.index_select(0, row_of), positions, None, 1)[:, 0]  # (N,)
-        chunked = (counts > 1).nonzero()[:, 0]
+        firsts = list(itertools.accumulate((n for _, n in rows), initial=0))  # each row's first token
+        chunked = [b for b, (_, n) in enumerate(rows) if n > 1]
         self.chunks = PagedChunks(
-            page_table[chunked], starts[chunked], counts[chunked], first[chunked], storage.page_size
+            page_table[tensor(chunked)],
+            tensor([rows[b][0] for b in chunked]),
+            tensor([rows[b][1] for b in chunked]),
+            tensor([firsts[b] for b in chunked]),
+            ps,
         )
-        decoded = (counts == 1).nonzero()[:, 0]
-        if decoded.numel():
-            self.decode_tokens = first[decoded]
-            self.decodes = PagedRows(page_table[decoded], starts[decoded] + 1, storage.page_size)
+        decoded = [b for b, (_, n) in enumerate(rows) if n == 1]
+        if decoded:
+            self.decode_tokens = tensor([firsts[b] for b in decoded])
+            self.decodes = PagedRows(page_table[tensor(decoded)], tensor([rows[b][0] + 1 for b in decoded]), ps)
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q (N, H, d), this step's k, v (N, Hkv, d), already written -> (N, H, d)."""
