@@ -2,6 +2,7 @@
 float32 matrix product (`native.matmul`) against the torch expressions they replace, alone and inside the
 model's layers."""
 
+import ctypes
 import platform
 import shutil
 import subprocess
@@ -140,14 +141,25 @@ def test_rms_norm_module_uses_the_kernel_under_inference_mode(monkeypatch):
     torch.testing.assert_close(fast, slow.detach())
 
 
+def _bf16_dot() -> bool:
+    return matmul.available() and bool(matmul._library().has_bf16_dot())
+
+
+MATMUL_DTYPES = [
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not _bf16_dot(), reason="no AVX512-BF16 on this CPU")),
+]
+
+
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES)
 @pytest.mark.parametrize("M", [0, 1, 2, 13, 16, 17, 31, 300])  # last row groups of 1-16
 @pytest.mark.parametrize("K, N", [(384, 640), (1152, 384), (40, 16)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matmul_equals_the_float64_product(M, K, N, threads):
+def test_matmul_equals_the_float64_product(dtype, M, K, N, threads):
     gen = torch.Generator().manual_seed(M + K)
-    x, weight, bias = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
+    x, weight, bias = (torch.randn(shape, generator=gen).to(dtype) for shape in ((M, K), (N, K), (N,)))
     packed = matmul.pack(weight)
-    assert packed.shape == (N // 16, K, 16)
+    assert packed.shape == ((N // 16, K, 16) if dtype == torch.float32 else (N // 16, K // 2, 16, 2))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -157,16 +169,21 @@ def test_matmul_equals_the_float64_product(M, K, N, threads):
         torch.set_num_threads(before)
     for got, b in ((plain, None), (biased, bias), (strided, None)):
         expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
-        assert got.shape == (M, N) and got.dtype == torch.float32
-        # float32 rounding of K products summed in another order: a few ulps of the sum of their magnitudes
+        assert got.shape == (M, N) and got.dtype == dtype
+        # float32 sums of K products in another order: a few ulps of the sum of their magnitudes; bfloat16: the
+        # products are exact in float32 and the one rounding at the end dominates
         scale = (x.double().abs() @ weight.double().abs().T).clamp(min=1)
-        assert ((got.double() - expected).abs() <= 4 * 2**-24 * scale * K**0.5).all()
+        if dtype == torch.float32:
+            assert ((got.double() - expected).abs() <= 4 * 2**-24 * scale * K**0.5).all()
+        else:
+            assert ((got.double() - expected).abs() <= 2**-8 * expected.abs() + 2**-20 * scale * K**0.5).all()
 
 
-def test_matmul_serves_float32_in_blocks_of_16_outputs_only():
+def test_matmul_serves_blocks_of_16_outputs_only():
     weight = torch.randn(32, 8)
-    assert matmul.pack(weight.bfloat16()) is None and matmul.pack(torch.randn(33, 8)) is None
-    assert matmul.pack(weight.to("meta")) is None
+    assert matmul.pack(torch.randn(33, 8)) is None and matmul.pack(weight.to("meta")) is None
+    assert matmul.pack(weight.half()) is None and matmul.pack(torch.randn(32, 7).bfloat16()) is None  # K odd
+    assert (matmul.pack(weight.bfloat16()) is not None) == _bf16_dot()
     packed = matmul.pack(weight)
     with pytest.raises(ValueError, match="x"):
         matmul.linear(torch.randn(3, 9), packed)  # another in_features
@@ -176,6 +193,21 @@ def test_matmul_serves_float32_in_blocks_of_16_outputs_only():
         matmul.linear(torch.randn(3, 8), packed, torch.randn(16))
     with pytest.raises(ValueError, match="packed"):
         matmul.linear(torch.randn(3, 8), weight.view(2, 8, 16).transpose(1, 2))  # not what pack() returns
+
+
+def test_matmul_built_without_the_bfloat16_dot_product_refuses_bfloat16(tmp_path, monkeypatch):
+    """A CPU without AVX512-BF16 builds the float32 kernel only: `has_bf16_dot()` is 0 there (so `pack` leaves
+    bfloat16 weights to oneDNN) and the bfloat16 entry refuses instead of computing anything."""
+    monkeypatch.setenv("ASTRAI_CACHE_DIR", str(tmp_path))
+    lib = build.load_library(matmul._SOURCE, "matmul without bf16", ("-mno-avx512bf16",))
+    assert lib.has_bf16_dot() == 0
+    x = torch.randn(2, 8).bfloat16()
+    y = torch.empty(2, 16, dtype=torch.bfloat16)
+    scratch = torch.empty(16 * 4, dtype=torch.int32)
+    status = lib.linear(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(2), ctypes.c_int64(8),
+                        ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(16), None, ctypes.c_void_p(y.data_ptr()),
+                        ctypes.c_void_p(scratch.data_ptr()), 1, 1)  # fmt: skip
+    assert status == -1
 
 
 def test_the_build_is_cached_by_source_and_header(tmp_path, monkeypatch):

@@ -7,21 +7,20 @@ the 20M-parameter model of `benchmarks/bench_generate.py`.
 
 - Packed weights: each layer keeps a copy of its weight laid out for a faster product than MKL's, and
   multiplies through it (`packed_linear`):
-  - float32: 16 outputs at a time for `astrai.model.native.matmul`'s kernel, which reads each weight once per
-    16 rows of x; 1.2-1.35x faster than oneDNN's blocked product at 13-30 rows (a decode step's), within 5% of
-    it at hundreds;
-  - bfloat16 (or float32 where that kernel is not built): oneDNN's blocked layout
-    (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's freezing uses), 1.2-1.5x faster
-    projections than MKL at 1-512 rows and 3x faster LM heads at 1-16 rows (bit-identical to `F.linear` in
-    bfloat16 here); a 16-sequence decode step 18 -> 11 ms.
+  - `astrai.model.native.matmul`'s kernel (float32; bfloat16 on CPUs with AVX512-BF16), 16 outputs at a
+    time, which reads each weight once per 16 rows of x: at the 1-30 rows of a decode step 1.2-1.35x faster
+    than oneDNN in float32 and 1.15-1.55x in bfloat16, within 5% of it at hundreds of rows;
+  - elsewhere oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's
+    freezing uses), 1.2-1.5x faster projections than MKL at 1-512 rows and 3x faster LM heads at 1-16 rows;
+    a 16-sequence decode step 18 -> 11 ms.
   The copy costs one more weight's worth of memory. It is checked against the live weight on every call
   (same tensor, `_version` and storage), so an optimizer step, `load_state_dict` or `.to()` re-packs it on
   the next inference forward instead of serving stale weights.
 - Few float32 rows (at most `_SPLIT_ROWS`, a decode step of one or two sequences): oneDNN and MKL run a
-  single-threaded matrix-vector product, and the float32 kernel's single sum per block waits on its own
-  latency. Splitting W's output rows into one block per intra-op thread and multiplying them as one batch,
-  `bmm((k, out/k, in), (k, in, M))`, keeps every core streaming weights: a batch-1 decode step takes 4.5 ms,
-  against 6 ms through the kernel, 7.5 ms through oneDNN and 10 ms with `F.linear`.
+  single-threaded matrix-vector product. Splitting W's output rows into one block per intra-op thread and
+  multiplying them as one batch, `bmm((k, out/k, in), (k, in, M))`, keeps every core streaming weights: a
+  batch-1 decode step takes 4.5 ms, against 6 ms through the float32 kernel, 7.5 ms through oneDNN and 10 ms
+  with `F.linear`.
 """
 
 from __future__ import annotations
@@ -118,15 +117,15 @@ def can_pack(weight: Tensor) -> bool:
 
 def pack_linear_weights(model: nn.Module, enable: bool = True) -> int:
     """Switch every `Linear` of `model` whose weight `can_pack` to the CPU inference kernels (or back, with
-    `enable=False`, dropping the packed copies). Returns how many layers use them. The float32 kernel is built
-    (or loaded) here, not in the first forward."""
+    `enable=False`, dropping the packed copies). Returns how many layers use them. The matrix product kernel is
+    built (or loaded) here, not in the first forward."""
     count = 0
     for module in model.modules():
         if isinstance(module, Linear):
             module._pack = enable and can_pack(module.weight)
             if not module._pack:
                 module._packed = module._group_packed = None
-            elif module.weight.dtype == torch.float32:
+            else:
                 matmul.available()
             count += module._pack
     return count
@@ -197,7 +196,7 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _pack_weight(weight: Tensor) -> Tensor:
-    """The copy of `weight` (`can_pack`) that `packed_linear` multiplies by: float32 for the native kernel where it
+    """The copy of `weight` (`can_pack`) that `packed_linear` multiplies by: the native kernel's layout where it
     serves, else oneDNN's blocked layout."""
     packed = matmul.pack(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None) if packed is None else packed

@@ -1,28 +1,50 @@
-/* y = x W^T (+ bias) in float32 through a weight packed 16 output features at a time: W (N, K) is stored as
- * (N / 16, K, 16), so for each k the 16 weights of a block of outputs are one vector. A block of up to 16 rows
- * of x keeps its 16 x 16 sums in registers; each step over k loads one weight vector and multiplies it by each
- * row's x[r][k], broadcast from a transposed copy of x (16 rows' values of one k side by side, one cache line).
- * Each weight is read from memory once per 16 rows, which is what a decode step of a few to a few dozen
- * sequences is bound by; oneDNN's blocked product runs those shapes 1.2-1.35x slower on Zen 4.
+/* y = x W^T (+ bias) through a weight packed 16 output features at a time, float32 or bfloat16.
+ *
+ * float32: W (N, K) is stored as (N / 16, K, 16), so for each k the weights of a block of 16 outputs are one
+ * vector. bfloat16 (CPUs with AVX512-BF16 only): as (N / 16, K / 2, 16, 2), for each pair of k one vector of 16
+ * outputs x 2 weights, which one `vdpbf16ps` multiplies by a row's pair of x values and adds to the row's 16
+ * float32 sums. Either way a block of up to 16 rows of x keeps its 16 x 16 sums in registers; each step loads one
+ * weight vector and multiplies it by each row's x value (or pair), broadcast from a transposed copy of x (16
+ * rows' values of one step side by side, one cache line). Each weight is read from memory once per 16 rows, which
+ * is what a decode step of one to a few dozen sequences is bound by: oneDNN's blocked product runs those shapes
+ * 1.2-1.55x slower on Zen 4. bfloat16 sums are rounded once, at the end (with the bias added in float32).
  *
  * Built and loaded by matmul.py (which checks the arguments); tested against torch's float64 product.
  * Parallel over blocks of outputs on torch's OpenMP threads.
  */
-#include "simd.h" /* astrai/model/native: vf, LANES */
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+
+#include "simd.h" /* astrai/model/native: vf, LANES, load16, store16 */
 
 #define ROWS 16 /* rows of x per register block */
 
-/* Rows 0 .. R - 1 of one group (xt: (K, ROWS), row r's x[k] at xt[k * ROWS + r]) times output block `col`
- * (w: (K, 16)) into y[r][col .. col + 15] (rows N apart), plus bias[col ..] when given. */
-static inline __attribute__((always_inline)) void block(const float *xt, const float *w, const float *bias,
-                                                        float *y, int64_t K, int64_t N, int R, int64_t col) {
+/* Whether this build has the bfloat16 kernel (the CPU has AVX512-BF16). */
+int has_bf16_dot(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Rows 0 .. R - 1 of one group times output block `col`: xt (steps, ROWS) holds the rows' x values (float32
+ * bits, or bfloat16 pairs) step by step, w (steps, 16 or 16 x 2) the block's weights. Sums (plus bias[col ..]
+ * when given) into y[r][col .. col + 15], rows N apart. */
+static inline __attribute__((always_inline)) void block_f32(const uint32_t *xt, const float *w, const float *bias,
+                                                            float *y, int64_t steps, int64_t N, int R, int64_t col) {
     vf acc[ROWS];
     for (int r = 0; r < R; r++) acc[r] = (vf){0};
-    for (int64_t k = 0; k < K; k++) {
+    for (int64_t k = 0; k < steps; k++) {
         __builtin_prefetch(w + (k + LANES) * LANES, 0, 3); /* a kilobyte ahead: the weights stream from DRAM */
         vf wv;
         memcpy(&wv, w + k * LANES, sizeof wv);
-        for (int r = 0; r < R; r++) acc[r] += xt[k * ROWS + r] * wv;
+        for (int r = 0; r < R; r++) {
+            float x;
+            memcpy(&x, xt + k * ROWS + r, sizeof x);
+            acc[r] += x * wv;
+        }
     }
     vf b = {0};
     if (bias != NULL) memcpy(&b, bias + col, sizeof b);
@@ -32,26 +54,62 @@ static inline __attribute__((always_inline)) void block(const float *xt, const f
     }
 }
 
-/* x (M, K) contiguous, packed (N / 16, K, 16), bias (N) or NULL, y (M, N); scratch holds ceil(M / 16) * 16 * K
- * floats (x transposed per group of 16 rows). N a multiple of 16. */
-void linear_f32(const float *x, int64_t M, int64_t K, const float *packed, int64_t N, const float *bias, float *y,
-                float *scratch, int num_threads) {
-    int64_t groups = (M + ROWS - 1) / ROWS, blocks = N / LANES;
+#ifdef __AVX512BF16__
+static inline __attribute__((always_inline)) void block_bf16(const uint32_t *xt, const bf16 *w, const bf16 *bias,
+                                                             bf16 *y, int64_t steps, int64_t N, int R, int64_t col) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < steps; p++) {
+        __builtin_prefetch(w + (p + LANES) * 2 * LANES, 0, 3);
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(w + p * 2 * LANES);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)xt[p * ROWS + r]), wv);
+    }
+    vf b = bias != NULL ? load16(bias + col, 1) : (vf){0};
+    for (int r = 0; r < R; r++) {
+        vf sums;
+        memcpy(&sums, &acc[r], sizeof sums);
+        store16(y + r * N + col, sums + b, 1);
+    }
+}
+#endif
+
+/* x (M, K) contiguous, packed as above, bias (N) or NULL, y (M, N), all float32 or all bfloat16 (is_bf16);
+ * scratch holds ceil(M / 16) * 16 * steps 32-bit values, steps = K (float32) or K / 2 (bfloat16). N a multiple
+ * of 16, K even for bfloat16. Returns 0, or -1 for bfloat16 in a build without the bfloat16 kernel. */
+int linear(const void *x, int64_t M, int64_t K, const void *packed, int64_t N, const void *bias, void *y,
+           uint32_t *scratch, int is_bf16, int num_threads) {
+#ifndef __AVX512BF16__
+    if (is_bf16) return -1;
+#endif
+    int64_t groups = (M + ROWS - 1) / ROWS, blocks = N / LANES, steps = is_bf16 ? K / 2 : K;
 #pragma omp parallel for num_threads(num_threads) if (M * K >= 65536)
     for (int64_t g = 0; g < groups; g++) {
-        float *xt = scratch + g * ROWS * K;
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t r = 0; r < ROWS; r++) xt[k * ROWS + r] = g * ROWS + r < M ? x[(g * ROWS + r) * K + k] : 0.0f;
+        uint32_t *xt = scratch + g * ROWS * steps;
+        for (int64_t s = 0; s < steps; s++)
+            for (int64_t r = 0; r < ROWS; r++) {
+                uint32_t value = 0;
+                if (g * ROWS + r < M) /* 4 bytes a step: one float32, or a pair of bfloat16 */
+                    memcpy(&value, (const char *)x + ((g * ROWS + r) * steps + s) * 4, 4);
+                xt[s * ROWS + r] = value;
+            }
     }
     /* Item = (output block, row group), block-major: each thread takes a contiguous run of the weights and
      * reuses each block (from L1 or L2) for every group of rows. */
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t item = 0; item < blocks * groups; item++) {
         int64_t b = item / groups, g = item % groups, rows = M - g * ROWS < ROWS ? M - g * ROWS : ROWS;
-        const float *xt = scratch + g * ROWS * K, *w = packed + b * K * LANES;
-        float *out = y + g * ROWS * N;
+        const uint32_t *xt = scratch + g * ROWS * steps;
+        const char *w = (const char *)packed + b * K * LANES * (is_bf16 ? 2 : 4);
+        char *out = (char *)y + g * ROWS * N * (is_bf16 ? 2 : 4);
         /* A constant row count per case: the sums stay in registers and the loops unroll. */
-#define BLOCK(R) block(xt, w, bias, out, K, N, R, b * LANES)
+#ifdef __AVX512BF16__
+#define BLOCK(R)                                                                                                  \
+    is_bf16 ? block_bf16(xt, (const bf16 *)w, bias, (bf16 *)out, steps, N, R, b * LANES)                          \
+            : block_f32(xt, (const float *)w, bias, (float *)out, steps, N, R, b * LANES)
+#else
+#define BLOCK(R) block_f32(xt, (const float *)w, bias, (float *)out, steps, N, R, b * LANES)
+#endif
         switch (rows) {
             case 1: BLOCK(1); break;
             case 2: BLOCK(2); break;
@@ -72,4 +130,5 @@ void linear_f32(const float *x, int64_t M, int64_t K, const float *packed, int64
         }
 #undef BLOCK
     }
+    return 0;
 }

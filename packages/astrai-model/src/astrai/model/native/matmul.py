@@ -1,13 +1,15 @@
-"""Float32 `F.linear` through a weight packed for the CPU kernel in `matmul.c` (built like every kernel here,
-`astrai.model.native.build`), which `astrai.model.linear` uses for packed float32 layers.
+"""`F.linear` through a weight packed for the CPU kernel in `matmul.c` (built like every kernel here,
+`astrai.model.native.build`), which `astrai.model.linear` uses for packed layers: float32 everywhere, bfloat16
+on CPUs with AVX512-BF16.
 
-`pack(weight)` stores W (N, K) as (N / 16, K, 16): for each k the weights of 16 outputs side by side, one vector.
-`linear(x, packed, bias)` then keeps each block of 16 rows' sums in registers and reads each weight once per 16
-rows. A decode step of a few to a few dozen sequences is bound by reading the weights; there the kernel runs
-1.2-1.35x faster than oneDNN's packed product (13-30 rows, the 20M model of `benchmarks/bench_generate.py` on a
-2-core Zen 4, weights streaming from memory: 16 rows 4.2 -> 3.3 ms per step's products), and within 5% of it at
-hundreds of rows. It sums in another order than torch; the tests hold it to float32 rounding of the float64
-product.
+`pack(weight)` stores W (N, K) 16 outputs at a time: float32 as (N / 16, K, 16), for each k the weights of 16
+outputs side by side, one vector; bfloat16 as (N / 16, K / 2, 16, 2), for each pair of k. `linear(x, packed,
+bias)` then keeps each block of 16 rows' sums in registers and reads each weight once per 16 rows. A decode step
+of one to a few dozen sequences is bound by reading the weights; there the kernel runs faster than oneDNN's
+packed product (the 20M model of `benchmarks/bench_generate.py` on a 2-core Zen 4, all of a step's products,
+weights streaming from memory): float32 1.2-1.35x at 13-30 rows (16 rows 4.2 -> 3.3 ms); bfloat16 1.4-1.55x at
+1-16 rows (1 row 1.55 -> 1.0 ms, 13 rows 2.15 -> 1.45 ms), 1.15x at 30. At hundreds of rows it is within 5%
+of oneDNN. It sums in another order than torch; the tests hold it to the rounding of the float64 product.
 """
 
 from __future__ import annotations
@@ -31,42 +33,54 @@ def available() -> bool:
 
 
 def pack(weight: Tensor) -> Tensor | None:
-    """W (N, K) float32 on the CPU as the kernel reads it, (N / 16, K, 16); None where the kernel does not serve
-    (another dtype or device, N not a multiple of 16, the kernel not built)."""
+    """W (N, K) as the kernel reads it: float32 (N / 16, K, 16), bfloat16 (N / 16, K / 2, 16, 2); None where the
+    kernel does not serve (another dtype or device, N not a multiple of 16, bfloat16 with K odd or without the
+    CPU's bfloat16 dot product, the kernel not built)."""
     N, K = weight.shape
-    if weight.dtype != torch.float32 or not weight.is_cpu or N % BLOCK or not available():
+    if not (weight.is_cpu and N % BLOCK == 0 and available()):
         return None
-    return weight.detach().reshape(N // BLOCK, BLOCK, K).transpose(1, 2).contiguous()
+    if weight.dtype == torch.float32:
+        return weight.detach().reshape(N // BLOCK, BLOCK, K).transpose(1, 2).contiguous()
+    if weight.dtype == torch.bfloat16 and K % 2 == 0 and _library().has_bf16_dot():
+        return weight.detach().reshape(N // BLOCK, BLOCK, K // 2, 2).transpose(1, 2).contiguous()
+    return None
 
 
 def linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, W, bias)` for x (M, K) float32 and `packed = pack(W)` -> (M, N)."""
-    blocks, K, width = packed.shape
-    N = blocks * width
-    if width != BLOCK or packed.dtype != torch.float32 or not (packed.is_cpu and packed.is_contiguous()):
-        raise ValueError(f"packed {packed.dtype} {tuple(packed.shape)}: need what pack() returns")
-    if x.dim() != 2 or x.shape[1] != K or x.dtype != torch.float32 or not x.is_cpu:
-        raise ValueError(f"x {x.dtype} {tuple(x.shape)}: need float32 (M, {K}) on the CPU")
+    """`F.linear(x, W, bias)` for x (M, K) and `packed = pack(W)`, of W's dtype -> (M, N)."""
+    dtype = packed.dtype
+    shape = (BLOCK,) if dtype == torch.float32 else (BLOCK, 2)
+    if packed.dim() != 2 + len(shape) or packed.shape[2:] != shape or not (packed.is_cpu and packed.is_contiguous()):
+        raise ValueError(f"packed {dtype} {tuple(packed.shape)}: need what pack() returns")
+    N, K = packed.shape[0] * BLOCK, packed.shape[1] * len(shape)
+    if x.dim() != 2 or x.shape[1] != K or x.dtype != dtype or not x.is_cpu:
+        raise ValueError(f"x {x.dtype} {tuple(x.shape)}: need {dtype} (M, {K}) on the CPU")
     if bias is not None:
-        if bias.shape != (N,) or bias.dtype != torch.float32 or not bias.is_cpu:
-            raise ValueError(f"bias {bias.dtype} {tuple(bias.shape)}: need float32 ({N},) on the CPU")
+        if bias.shape != (N,) or bias.dtype != dtype or not bias.is_cpu:
+            raise ValueError(f"bias {bias.dtype} {tuple(bias.shape)}: need {dtype} ({N},) on the CPU")
         bias = bias.contiguous()
     x = x.contiguous()
     M = x.shape[0]
-    y = torch.empty(M, N)
+    y = torch.empty(M, N, dtype=dtype)
     if M:
-        scratch = torch.empty(-(-M // BLOCK) * BLOCK * K)
-        _library().linear_f32(x.data_ptr(), M, K, packed.data_ptr(), N, None if bias is None else bias.data_ptr(),
-                              y.data_ptr(), scratch.data_ptr(), torch.get_num_threads())  # fmt: skip
+        scratch = torch.empty(-(-M // BLOCK) * BLOCK * packed.shape[1], dtype=torch.int32)  # x transposed
+        status = _library().linear(
+            x.data_ptr(), M, K, packed.data_ptr(), N, None if bias is None else bias.data_ptr(), y.data_ptr(),
+            scratch.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError("matmul.linear: this build has no bfloat16 kernel (pack() returns None for it)")
     return y
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = load_library(_SOURCE, "float32 matrix product kernel")
+    lib = load_library(_SOURCE, "matrix product kernel")
     if lib is None:
         return None
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.linear_f32.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
-    lib.linear_f32.restype = None
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i32, i32]
+    lib.linear.restype = i32
+    lib.has_bf16_dot.argtypes = []
+    lib.has_bf16_dot.restype = i32
     return lib
