@@ -179,6 +179,22 @@ static inline __attribute__((always_inline)) void attend_heads(
     }
 }
 
+/* rc = CALL(dim), the usual head sizes as constants: loops of a known length (unrolled, registers for every chunk). */
+#define BY_HEAD_DIM(rc, CALL)              \
+    switch (dim) {                         \
+        case 64: rc = CALL(64); break;     \
+        case 128: rc = CALL(128); break;   \
+        default: rc = CALL(dim);           \
+    }
+
+/* A work item's error status (0: none) into the call's, from any thread. */
+static inline void record(int *status, int rc) {
+    if (rc != 0) {
+#pragma omp atomic write
+        *status = rc;
+    }
+}
+
 /* Row b, KV heads g0 .. g1 - 1; returns 0, -1 when a page index lies outside the cache, -4 for a negative
  * length. `work` holds `len` row numbers, then the score rows. */
 static inline __attribute__((always_inline)) int attend(
@@ -227,21 +243,11 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
             int64_t b = item / parts, g0 = item % parts * group, g1 = g0 + group < n_kv_heads ? g0 + group : n_kv_heads;
             const int64_t *pages = page_table + b * max_pages;
             int rc = -2;
-            if (work != NULL) {
-                /* The usual head sizes get loops of a known length (unrolled, registers for every chunk). */
 #define ATTEND(DIM) attend(q, k, v, out, pages, seq_lens[b], b * n_heads, n_kv_heads, g0, g1, n_rep, DIM, \
                            page_size, num_pages, scale, is_bf16, work)
-                switch (dim) {
-                    case 64: rc = ATTEND(64); break;
-                    case 128: rc = ATTEND(128); break;
-                    default: rc = ATTEND(dim);
-                }
+            if (work != NULL) BY_HEAD_DIM(rc, ATTEND);
 #undef ATTEND
-            }
-            if (rc != 0) {
-#pragma omp atomic write
-                status = rc;
-            }
+            record(&status, rc);
         }
         free(work);
     }
@@ -373,21 +379,12 @@ int paged_chunk_attention(const void *q, const void *k, const void *v, void *out
             int64_t blocks = (counts[c] * n_rep + LANES - 1) / LANES, local = item - item_of[c];
             int64_t g = local / blocks, lane0 = local % blocks * LANES;
             int rc = -2;
-            if (work != NULL) {
 #define ATTEND(DIM) attend_chunk_lanes(q, k, v, out, tables + c * max_pages, starts[c], firsts[c], counts[c] * n_rep, \
                                        lane0, g, n_heads, n_kv_heads, n_rep, DIM, page_size, num_pages, scale,      \
                                        is_bf16, work)
-                switch (dim) {
-                    case 64: rc = ATTEND(64); break;
-                    case 128: rc = ATTEND(128); break;
-                    default: rc = ATTEND(dim);
-                }
+            if (work != NULL) BY_HEAD_DIM(rc, ATTEND);
 #undef ATTEND
-            }
-            if (rc != 0) {
-#pragma omp atomic write
-                status = rc;
-            }
+            record(&status, rc);
         }
         free(work);
     }
