@@ -109,3 +109,19 @@ def test_only_under_inference_mode():
         assert cpu_step._serves(model.layers, x, cos, cos)
     with torch.no_grad():  # evaluation with autograd off but not inference mode: the modules (the reference)
         assert cpu_step.run_layers(model.layers, x, (cos, cos), None) is None
+
+
+@pytest.mark.parametrize("where", ["o_proj", "down", "mlp", "q_proj"])
+def test_a_forward_hook_keeps_the_module_path(where, monkeypatch):
+    """A hook (a LoRA adapter's, here adding a constant) on any module the step would shortcut: the module path
+    runs, hook included."""
+    model = _model(torch.float32)
+    modules = {"o_proj": model.layers[1].attention.o_proj, "down": model.layers[0].mlp.down,
+               "mlp": model.layers[1].mlp, "q_proj": model.layers[0].attention.q_proj}  # fmt: skip
+    calls = []
+    handle = modules[where].register_forward_hook(lambda module, args, out: calls.append(1) or out + 0.5)
+    logits, *_, ran = _step(model, ROWS, monkeypatch, fast=True)
+    assert not ran and calls
+    handle.remove()
+    unhooked, *_ = _step(model, ROWS, monkeypatch, fast=True)
+    assert not torch.equal(logits, unhooked)

@@ -238,12 +238,15 @@ def test_chunks_in_bfloat16_accumulate_in_float32():
 def test_chunks_propagate_nan_and_never_see_later_positions():
     q, k_cache, v_cache, table, starts, counts, firsts = _chunk_case(4, 2, 16, 16, [(0, 20)], torch.float32)
     k_cache[table[0, 1], 2, 1] = float("nan")  # position 18, KV head 1: only the chunk's last 2 queries see it
+    v_cache[table[0, 1], 1, 0, 4] = float("inf")  # position 17, KV head 0: the last 3 (inf - inf: NaN)
+    v_cache[table[0, 1], 3, 0, 5] = float("nan")  # position 19, KV head 0: the last one
     q[firsts[0] + 5, 0, 3] = float("nan")  # every score of query 5, head 0
     out = _chunk_attention(q, k_cache, v_cache, table, starts, counts, firsts, 0.25)
     rows, expected = _chunk_reference(q, k_cache, v_cache, table, starts, counts, firsts, 0.25)
     got = out[rows].double()
-    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.isinf(), expected.isinf())
     assert got[18:, 2:].isnan().all() and not got[:18, 2:].isnan().any() and got[5, 0].isnan().all()
+    assert not got[:17, 1].isnan().any() and not got[:17, 1].isinf().any()  # queries before 17: finite
     finite = ~expected.isnan()
     torch.testing.assert_close(got[finite], expected[finite], atol=2e-6, rtol=2e-5)
 
@@ -263,6 +266,14 @@ def test_chunks_refuse_a_page_outside_the_cache_and_bad_arguments():
         pa.PagedChunks(table, starts + 3, counts, firsts, 4)  # past the row's pages
     with pytest.raises(ValueError, match="firsts"):
         pa.PagedChunks(table, starts, counts, firsts[:1], 4)
+    with pytest.raises(ValueError, match="firsts"):
+        pa.PagedChunks(table, starts, counts, torch.tensor([1, -2]), 4)
+    huge = torch.tensor([2**63 - 1, 0])  # sums that wrap around in int64 must not slip past the checks
+    chunks = pa.PagedChunks(table, starts, counts, huge, 4)
+    with pytest.raises(ValueError, match="reach row"):
+        chunks.attend(q, k_cache, v_cache, 0.25, torch.empty_like(q))
+    with pytest.raises(ValueError, match="within 2 pages x 4"):
+        pa.PagedChunks(table, huge, counts, firsts, 4)
     with pytest.raises(ValueError, match="page_table"):
         pa.PagedChunks(table.int(), starts, counts, firsts, 4)
     chunks = pa.PagedChunks(table, starts, counts, firsts, 4)
@@ -372,10 +383,13 @@ def test_a_packed_step_needs_tokens_and_the_kernel(monkeypatch):
         cache.bind_tasks(["t"], [0], [0], packed=True)
     table = cache.make_table_tensor(["t"])  # one page of 8 positions
     one = torch.ones(1, dtype=torch.int64)
-    with pytest.raises(ValueError, match="lacks position 8"):
+    with pytest.raises(ValueError, match="lacks a page up to 8"):
         KvcacheView(cache._storage, table, one * 9, one * 9, packed_rows=[(0, 9)])
-    with pytest.raises(ValueError, match="lacks position 2"):
+    with pytest.raises(ValueError, match="lacks a page up to 2"):
         KvcacheView(cache._storage, table * 0 - 1, one * 3, one * 3, packed_rows=[(0, 3)])  # no page at all
+    holed = torch.tensor([[-1, int(table[0, 0])]])  # the history's page missing, this step's present
+    with pytest.raises(ValueError, match="lacks a page up to 9"):
+        KvcacheView(cache._storage, holed, one * 10, one, packed_rows=[(9, 1)])
     monkeypatch.setenv("ASTRAI_NATIVE_KERNELS", "0")
     pa._library.cache_clear()
     try:

@@ -68,9 +68,9 @@ def test_linear_packed_copy_follows_weight_changes():
     def check():
         with torch.inference_mode():
             got = linear(x)
-            copy_made = linear._packed[3]
+            copy_made = linear._packed[2]
             linear(x)
-            assert linear._packed[3] is copy_made  # an unchanged weight is packed once
+            assert linear._packed[2] is copy_made  # an unchanged weight is packed once
         torch.testing.assert_close(got, F.linear(x, linear.weight), atol=1e-5, rtol=0)
 
     check()
@@ -112,12 +112,34 @@ def test_fused_linear_equals_the_separate_layers(bias):
     for got, want in zip(outs, expected):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
     assert (layers[0]._group_packed is not None) == can_pack(layers[0].weight)
-    with torch.no_grad():
-        layers[2].weight.mul_(-1)  # any member changing re-packs the group
-    with torch.inference_mode():
-        got = fused_linear(x, layers)[2]
-    torch.testing.assert_close(got, F.linear(x, layers[2].weight, layers[2].bias), atol=1e-5, rtol=0)
+    for change in ("weight", "bias") if bias else ("weight",):
+        with torch.no_grad():
+            if change == "weight":
+                layers[2].weight.mul_(-1)  # any member changing re-packs the group
+            else:
+                layers[1].bias.add_(1.0)  # a bias alone too (bias-only fine-tuning, an optimizer step)
+        with torch.inference_mode():
+            got = fused_linear(x, layers)
+        for layer, out in zip(layers, got):
+            torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=0)
     assert all(torch.equal(a, b) for a, b in zip(fused_linear(x, layers), [layer(x) for layer in layers]))
+
+
+def test_fused_linear_runs_the_layers_hooks():
+    """A forward hook (a LoRA adapter's) on one layer of a group: the group runs layer by layer, hook included."""
+    torch.manual_seed(0)
+    layers = (Linear(32, 48), Linear(32, 16))
+    pack_linear_weights(torch.nn.ModuleList(layers))
+    x = torch.randn(15, 32)
+    handle = layers[1].register_forward_hook(lambda module, args, out: out + 1.0)
+    with torch.inference_mode():
+        hooked = fused_linear(x, layers)
+    torch.testing.assert_close(hooked[1], F.linear(x, layers[1].weight) + 1.0, atol=1e-5, rtol=0)
+    handle.remove()
+    with torch.inference_mode():
+        plain = fused_linear(x, layers)
+    torch.testing.assert_close(plain[1], F.linear(x, layers[1].weight), atol=1e-5, rtol=0)
+    assert layers[0]._group_packed is not None or not can_pack(layers[0].weight)  # packed once the hook is gone
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -193,6 +193,9 @@ def test_matmul_serves_blocks_of_16_outputs_only():
         matmul.linear(torch.randn(3, 8), packed, torch.randn(16))
     with pytest.raises(ValueError, match="packed"):
         matmul.linear(torch.randn(3, 8), weight.view(2, 8, 16).transpose(1, 2))  # not what pack() returns
+    for dtype in (torch.float16, torch.float64, torch.int32):  # never packed: refused, not read as another layout
+        with pytest.raises(ValueError, match="packed"):
+            matmul.linear(torch.ones(3, 8, dtype=dtype), torch.ones(2, 4, 16, 2, dtype=dtype))
 
 
 def test_matmul_built_without_the_bfloat16_dot_product_refuses_bfloat16(tmp_path, monkeypatch):

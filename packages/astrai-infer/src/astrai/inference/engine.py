@@ -35,8 +35,8 @@ class InferenceEngine:
 
     `device` / `dtype` (a torch dtype or its name, e.g. "bfloat16") move and cast `model` itself, in place; the
     KV cache follows the model's dtype. `max_prefill_tokens` bounds the prompt tokens computed per step.
-    `pack_weights` (CPU): multiply through packed copies of the weights (float32: a C kernel; bfloat16:
-    oneDNN), 1.2-3x faster projections for one more copy of the weights in memory
+    `pack_weights` (CPU): multiply through packed copies of the weights (a C kernel, oneDNN where it does not
+    serve), 1.2-3x faster projections for one more copy of the weights in memory
     (`astrai.model.pack_linear_weights`); dropped at `shutdown()`.
     """
 

@@ -12,8 +12,9 @@ projection and residual, the second RMSNorm, one packed gate/up product, the fus
 and residual. These are the calls the module path makes, in the same order on the same values, so the result
 is bit for bit the module path's (its reference in the tests).
 
-It serves GQA attention without q/k norm or gating and with rotary over the whole head, the SwiGLU MLP, in
-float32 (more rows than the split product takes, `linear._SPLIT_ROWS`) or bfloat16, with packed weights
+It serves GQA attention without q/k norm or gating and with rotary over the whole head, the SwiGLU MLP (each
+module exactly its class, with no forward hooks: a LoRA adapter's hook keeps the module path), in float32
+(more rows than the split product takes, `linear._SPLIT_ROWS`) or bfloat16, with packed weights
 (`pack_linear_weights`) and the fused kernels built; elsewhere `run_layers` returns None before doing
 anything, and the model runs its modules.
 """
@@ -25,9 +26,10 @@ from torch import Tensor, nn
 
 from astrai.model.attention import GQA
 from astrai.model.decoder_block import DecoderBlock
-from astrai.model.linear import _SPLIT_ROWS, packed_group, packed_linear
+from astrai.model.linear import _SPLIT_ROWS, Linear, packed_group, packed_linear, plain_module
 from astrai.model.mlp import MLP
 from astrai.model.native import fused
+from astrai.model.norm import RMSNorm
 from astrai.protocols import KVCacheView
 
 _DTYPES = (torch.float32, torch.bfloat16)  # the fused kernels'
@@ -63,7 +65,15 @@ def _serves(layers: nn.ModuleList, x: Tensor, cos: Tensor, sin: Tensor) -> bool:
         return False
     for block in layers:
         attn, mlp = block.attention, block.mlp
-        if type(block) is not DecoderBlock or type(attn) is not GQA or type(mlp) is not MLP:
+        if not (plain_module(block, DecoderBlock) and plain_module(attn, GQA) and plain_module(mlp, MLP)):
+            return False  # another layout, a subclass or a forward hook (a LoRA adapter's)
+        parts = [
+            (attn.o_proj, Linear),
+            (mlp.down, Linear),
+            (block.input_norm, RMSNorm),
+            (block.post_attention_norm, RMSNorm),
+        ]
+        if not all(plain_module(module, kind) for module, kind in parts):  # q/k/v and gate/up: packed_group
             return False
         if attn.use_qk_norm or attn.use_gated_attention or cos.shape != (1, x.shape[1], attn.head_dim):
             return False

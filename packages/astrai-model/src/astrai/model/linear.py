@@ -30,6 +30,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _global_hooks
 
 from astrai.model.native import matmul
 
@@ -44,7 +45,7 @@ class Linear(nn.Linear):
     def __init__(self, in_dim: int, out_dim: int, bias: bool = False) -> None:
         super().__init__(in_dim, out_dim, bias=bias)
         self._pack = False  # set by pack_linear_weights
-        self._packed: tuple[Tensor, int, int, Tensor] | None = None  # (weight, _version, data_ptr, copy)
+        self._packed: tuple[Tensor, tuple[int, int], Tensor] | None = None  # (weight, _stamp(weight), copy)
         self._group_packed: tuple | None = None  # fused_linear's copy for a group this layer leads
 
     def reset_parameters(self) -> None:
@@ -68,13 +69,13 @@ class Linear(nn.Linear):
         when the weight moved to a device or dtype that cannot be packed."""
         weight = self.weight
         packed = self._packed
-        if packed is None or packed[0] is not weight or packed[1] != weight._version or packed[2] != weight.data_ptr():
+        if packed is None or packed[0] is not weight or packed[1] != _stamp(weight):
             if not can_pack(weight):
                 self._pack, self._packed = False, None
                 return None
-            packed = (weight, weight._version, weight.data_ptr(), _pack_weight(weight))
+            packed = (weight, _stamp(weight), _pack_weight(weight))
             self._packed = packed
-        return packed[3]
+        return packed[2]
 
     def __getstate__(self) -> dict:
         # Copies and pickles never carry the packed copy (possibly an opaque oneDNN tensor); they re-pack on use.
@@ -152,30 +153,53 @@ def fused_linear(x: Tensor, layers: tuple[Linear, ...]) -> tuple[Tensor, ...]:
 
 def packed_group(layers: tuple[Linear, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor | None, list[int]] | None:
     """The packed concatenated weight of `layers` for `dtype` inputs under `torch.inference_mode()`, with the
-    concatenated bias (or None) and each layer's output width; re-packed when a weight changed since (as
-    `Linear` re-packs its own). None where the packed kernels do not serve (`fused_linear` runs the layers)."""
+    concatenated bias (or None) and each layer's output width; re-made when a weight or bias changed since (as
+    `Linear` re-packs its own weight). None where the packed kernels do not serve, and for layers whose call
+    does more than `Linear.forward` (a forward hook, such as a LoRA adapter's, or a subclass): `fused_linear`
+    then calls the layers."""
     first = layers[0]
-    if not (first._pack and torch.is_inference_mode_enabled()):
+    if not (first._pack and torch.is_inference_mode_enabled() and all(plain_module(layer, Linear) for layer in layers)):
         return None
     group = first._group_packed
-    if (
-        group is None
-        or group[1].dtype != dtype
-        or any(
-            layer.weight is not w or w._version != version or w.data_ptr() != ptr
-            for layer, (w, version, ptr) in zip(layers, group[0], strict=True)
-        )
-    ):
-        group = _pack_group(layers, [layer.weight for layer in layers], dtype)
+    if group is None or group[1].dtype != dtype or not _current(group[0], layers):
+        group = _pack_group(layers, dtype)
         if group is None:
             return None
     return group[1], group[2], group[3]
 
 
-def _pack_group(layers: tuple[Linear, ...], weights: list[Tensor], dtype: torch.dtype) -> tuple | None:
-    """(weights' keys, packed concatenated weight, concatenated bias or None, output widths), stored on the
-    first layer; None (nothing stored) when the layers cannot share one product."""
-    biases = [layer.bias for layer in layers]
+def plain_module(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """Whether calling `module` only runs `kind.forward`: exactly that class, and no forward hooks on it or on
+    every module."""
+    return (
+        type(module) is kind
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (_global_hooks._global_forward_hooks or _global_hooks._global_forward_pre_hooks)
+    )
+
+
+def _tensors(layers: tuple[Linear, ...]) -> list[Tensor | None]:
+    return [layer.weight for layer in layers] + [layer.bias for layer in layers]
+
+
+def _stamp(t: Tensor | None) -> tuple[int, int]:
+    """What changes when a tensor's values may have: its `_version` (in-place updates) and storage."""
+    return (-1, 0) if t is None else (t._version, t.data_ptr())
+
+
+def _keys(layers: tuple[Linear, ...]) -> list[tuple[Tensor | None, tuple[int, int]]]:
+    return [(t, _stamp(t)) for t in _tensors(layers)]
+
+
+def _current(keys: list[tuple[Tensor | None, tuple[int, int]]], layers: tuple[Linear, ...]) -> bool:
+    """Whether `layers` still hold the weights and biases `keys` were taken of, unchanged."""
+    return all(t is key and _stamp(t) == stamp for t, (key, stamp) in zip(_tensors(layers), keys, strict=True))
+
+
+def _pack_group(layers: tuple[Linear, ...], dtype: torch.dtype) -> tuple | None:
+    """(weights' and biases' keys, packed concatenated weight, concatenated bias or None, output widths), stored
+    on the first layer; None (nothing stored) when the layers cannot share one product."""
+    weights, biases = [layer.weight for layer in layers], [layer.bias for layer in layers]
     if (
         not all(layer._pack and w.dtype == dtype for layer, w in zip(layers, weights, strict=True))
         or len({b is None for b in biases}) != 1
@@ -183,8 +207,7 @@ def _pack_group(layers: tuple[Linear, ...], weights: list[Tensor], dtype: torch.
         return None
     packed = _pack_weight(torch.cat([w.detach() for w in weights]))
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-    keys = [(w, w._version, w.data_ptr()) for w in weights]
-    layers[0]._group_packed = (keys, packed, bias, [w.shape[0] for w in weights])
+    layers[0]._group_packed = (_keys(layers), packed, bias, [w.shape[0] for w in weights])
     return layers[0]._group_packed
 
 

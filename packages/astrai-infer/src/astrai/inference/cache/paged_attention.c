@@ -321,7 +321,7 @@ static inline __attribute__((always_inline)) int attend_chunk_lanes(
         vf block_max = s[0];
         for (int j = 1; j < KEY_BLOCK; j++) block_max = max16(block_max, s[j]);
         vf m_new = max16(m, block_max), alpha = exp16(m - m_new), p[KEY_BLOCK], p_sum = {0};
-        for (int j = 0; j < KEY_BLOCK; j++) { /* exp16 floors at e^-87: masked keys get exactly 0 */
+        for (int j = 0; j < KEY_BLOCK; j++) { /* exp16 floors at e^-87: hidden keys get exactly 0 by the mask */
             p[j] = (vf)((vi)exp16(s[j] - m_new) & visible[j]);
             p_sum += p[j];
         }
@@ -333,8 +333,12 @@ static inline __attribute__((always_inline)) int attend_chunk_lanes(
                 memcpy(&a[u], acc + (d0 + u) * LANES, sizeof a[u]);
                 a[u] *= alpha;
             }
-            for (int j = 0; j < KEY_BLOCK; j++)
-                for (int u = 0; u < 8; u++) a[u] += values[j * dim + d0 + u] * p[j];
+            if (causal) /* a hidden value adds exactly nothing, even an infinite or NaN one (0 * inf is NaN) */
+                for (int j = 0; j < KEY_BLOCK; j++)
+                    for (int u = 0; u < 8; u++) a[u] += (vf)((vi)(values[j * dim + d0 + u] * p[j]) & visible[j]);
+            else
+                for (int j = 0; j < KEY_BLOCK; j++)
+                    for (int u = 0; u < 8; u++) a[u] += values[j * dim + d0 + u] * p[j];
             for (int u = 0; u < 8; u++) memcpy(acc + (d0 + u) * LANES, &a[u], sizeof a[u]);
         }
     }

@@ -122,20 +122,21 @@ class PagedChunks:
         self, page_table: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, firsts: torch.Tensor, page_size: int
     ) -> None:
         _check_rows(page_table, page_size, starts=starts, counts=counts, firsts=firsts)
-        C = page_table.shape[0]
-        if C and int(counts.min()) < 1:
-            raise ValueError(f"counts {counts.tolist()}: every chunk has at least one query")
-        if C and int(starts.min()) < 0:
-            raise ValueError(f"starts {starts.tolist()}: positions start at 0")
-        capacity = page_table.shape[1] * page_size
-        if C and int((starts + counts).max()) > capacity:
+        # Python ints: sums of int64 tensors could wrap past the checks
+        starts_, counts_, firsts_ = starts.tolist(), counts.tolist(), firsts.tolist()
+        if any(n < 1 for n in counts_):
+            raise ValueError(f"counts {counts_}: every chunk has at least one query")
+        if any(s < 0 for s in starts_):
+            raise ValueError(f"starts {starts_}: positions start at 0")
+        capacity = min(page_table.shape[1] * page_size, 2**31 - 1)  # the kernel holds positions in 32 bits
+        if any(s + n > capacity for s, n in zip(starts_, counts_, strict=True)):
             raise ValueError(
-                f"starts {starts.tolist()}, counts {counts.tolist()}: need positions within {page_table.shape[1]} "
-                f"pages x {page_size}"
+                f"starts {starts_}, counts {counts_}: need positions within {page_table.shape[1]} pages x "
+                f"{page_size} (and below 2**31)"
             )
-        if C and int(firsts.min()) < 0:
-            raise ValueError(f"firsts {firsts.tolist()}: rows of q start at 0")
-        self.rows = int((firsts + counts).max()) if C else 0  # q needs at least this many rows
+        if any(f < 0 for f in firsts_):
+            raise ValueError(f"firsts {firsts_}: rows of q start at 0")
+        self.rows = max((f + n for f, n in zip(firsts_, counts_, strict=True)), default=0)  # q needs this many rows
         self.page_table, self.starts, self.counts, self.firsts = (
             t.clone(memory_format=torch.contiguous_format) for t in (page_table, starts, counts, firsts)
         )  # copies, as PagedRows'

@@ -129,8 +129,9 @@ class _PackedStep:
         ps, tables = storage.page_size, page_table.tolist()
         slots = []
         for table, (start, n) in zip(tables, rows, strict=True):
-            if (start + n - 1) // ps >= len(table) or table[(start + n - 1) // ps] < 0:
-                raise ValueError(f"packed row {(start, n)}: its page table {table} lacks position {start + n - 1}")
+            pages = table[: (start + n - 1) // ps + 1]  # every page up to the row's last position
+            if len(pages) * ps < start + n or min(pages) < 0:
+                raise ValueError(f"packed row {(start, n)}: its page table {table} lacks a page up to {start + n - 1}")
             slots += [table[p // ps] * ps + p % ps for p in range(start, start + n)]
         device = page_table.device
         self.slots = torch.tensor(slots, dtype=torch.int64, device=device)  # (N,) flat write slots

@@ -2,7 +2,8 @@
 
 - `fused`: RMSNorm, rotary embedding and SiLU-and-multiply, each one call instead of several torch ops
   (used by `RMSNorm`, `GQA` and `MLP` under `torch.inference_mode()` on the CPU).
-- `matmul`: float32 `F.linear` through a weight packed 16 outputs at a time (packed `Linear` layers).
+- `matmul`: `F.linear` through a weight packed 16 outputs at a time, float32 and (with AVX512-BF16) bfloat16
+  (packed `Linear` layers).
 - `simd.h`: the vector types and helpers every kernel here and in other distributions shares
   (`astrai.inference`'s paged attention includes it too).
 """
