@@ -104,9 +104,9 @@ def test_where_it_does_not_serve_the_modules_run(layout, rows, packed, monkeypat
 def test_only_under_inference_mode():
     model = _model(torch.float32)
     x, cos = torch.zeros(1, 8, 64), torch.zeros(1, 8, 16)
-    assert not cpu_step._serves(model.layers, x, cos, cos)
+    assert not cpu_step._serves(x, cos, cos)
     with torch.inference_mode():
-        assert cpu_step._serves(model.layers, x, cos, cos)
+        assert cpu_step._serves(x, cos, cos)
     with torch.no_grad():  # evaluation with autograd off but not inference mode: the modules (the reference)
         assert cpu_step.run_layers(model.layers, x, (cos, cos), None) is None
 

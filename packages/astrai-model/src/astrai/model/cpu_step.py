@@ -21,6 +21,8 @@ anything, and the model runs its modules.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -41,89 +43,102 @@ def run_layers(
     """`layers` over x (1, N, dim), the packed step's tokens, with `paged_cache` packed; None (nothing done)
     where this path does not serve (see the module doc)."""
     cos, sin = rotary_emb
-    if not _serves(layers, x, cos, sin):
+    if not _serves(x, cos, sin):
         return None
-    weights = []
+    plans = []
     for block in layers:
-        packed = _packed_weights(block, x.dtype)
-        if packed is None:
+        plan = _plan(block, x, cos)
+        if plan is None:
             return None
-        weights.append(packed)
-    for block, packed in zip(layers, weights, strict=True):
-        x = _layer(block, packed, x, cos, sin, paged_cache)
+        plans.append(plan)
+    for plan in plans:
+        x = _layer(plan, x, cos, sin, paged_cache)
     return x
 
 
-def _serves(layers: nn.ModuleList, x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+class _Plan(NamedTuple):
+    """One layer's part in a step: what its calls read, checked current."""
+
+    layer_id: int
+    heads: tuple[int, int, int]  # query heads, KV heads, head size
+    norms: tuple[Tensor, float, Tensor, float]  # input and post-attention RMSNorm: weight, eps
+    qkv: tuple[Tensor, Tensor | None, list[int]]  # packed_group's
+    o: tuple[Tensor, Tensor | None]  # packed weight, bias
+    gate_up: tuple[Tensor, Tensor | None, list[int]]
+    down: tuple[Tensor, Tensor | None]
+
+
+def _serves(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
     if not (torch.is_inference_mode_enabled() and x.is_cpu and x.dtype in _DTYPES and fused.available()):
         return False
     if x.dim() != 3 or x.shape[0] != 1 or not x.is_contiguous():
         return False
     if x.dtype == torch.float32 and x.shape[1] <= _SPLIT_ROWS:  # the split product's rows
         return False
-    if not (cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()):
-        return False
-    for block in layers:
-        attn, mlp = block.attention, block.mlp
-        if not (plain_module(block, DecoderBlock) and plain_module(attn, GQA) and plain_module(mlp, MLP)):
-            return False  # another layout, a subclass or a forward hook (a LoRA adapter's)
-        parts = [
-            (attn.o_proj, Linear),
-            (mlp.down, Linear),
-            (block.input_norm, RMSNorm),
-            (block.post_attention_norm, RMSNorm),
-        ]
-        if not all(plain_module(module, kind) for module, kind in parts):  # q/k/v and gate/up: packed_group
-            return False
-        if attn.use_qk_norm or attn.use_gated_attention or cos.shape != (1, x.shape[1], attn.head_dim):
-            return False
-        norms = (block.input_norm.weight, block.post_attention_norm.weight)
-        if any(w.dtype != x.dtype or not w.is_contiguous() for w in norms):
-            return False
-    return True
+    return cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
 
 
-def _packed_weights(block: DecoderBlock, dtype: torch.dtype) -> tuple | None:
-    """The block's four packed products (q/k/v, output, gate/up, down) for `dtype`, current; None if one is not
-    packed."""
-    attn, mlp = block.attention, block.mlp
-    qkv = packed_group((attn.q_proj, attn.k_proj, attn.v_proj), dtype)
-    gate_up = packed_group((mlp.gate, mlp.up), dtype)
+def _plan(block: nn.Module, x: Tensor, cos: Tensor) -> _Plan | None:
+    """`block`'s plan for x, or None where this path does not serve it. Submodules and parameters are read
+    from their dictionaries (`Module.__getattr__` costs more than the rest of the checks)."""
+    if not plain_module(block, DecoderBlock):
+        return None
+    parts = block._modules
+    attn, mlp, norm1, norm2 = parts["attention"], parts["mlp"], parts["input_norm"], parts["post_attention_norm"]
+    if not (plain_module(attn, GQA) and plain_module(mlp, MLP)):
+        return None  # another layout, a subclass or a forward hook (a LoRA adapter's)
+    if attn.use_qk_norm or attn.use_gated_attention or cos.shape != (1, x.shape[1], attn.head_dim):
+        return None
+    projections, ffn = attn._modules, mlp._modules
+    o, down = projections["o_proj"], ffn["down"]
+    if not all(plain_module(m, kind) for m, kind in ((o, Linear), (down, Linear), (norm1, RMSNorm), (norm2, RMSNorm))):
+        return None  # q/k/v and gate/up: packed_group checks them
+    norm_weights = (norm1._parameters["weight"], norm2._parameters["weight"])
+    if any(w.dtype != x.dtype or not w.is_contiguous() for w in norm_weights):
+        return None
+    qkv = packed_group((projections["q_proj"], projections["k_proj"], projections["v_proj"]), x.dtype)
+    gate_up = packed_group((ffn["gate"], ffn["up"]), x.dtype)
     if qkv is None or gate_up is None:
         return None
-    o, down = attn.o_proj, mlp.down
-    if not (o._pack and down._pack and o.weight.dtype == down.weight.dtype == dtype):
+    if not (o._pack and down._pack and o._parameters["weight"].dtype == down._parameters["weight"].dtype == x.dtype):
         return None
     o_weight, down_weight = o._packed_weight(), down._packed_weight()
     if o_weight is None or down_weight is None:  # (`is`: `in` would compare tensors elementwise)
         return None
-    return qkv, o_weight, gate_up, down_weight
+    return _Plan(
+        attn.layer_id,
+        (attn.n_heads, attn.n_kv_heads, attn.head_dim),
+        (norm_weights[0], norm1.norm_eps, norm_weights[1], norm2.norm_eps),
+        qkv,
+        (o_weight, o._parameters["bias"]),
+        gate_up,
+        (down_weight, down._parameters["bias"]),
+    )
 
 
-def _layer(block: DecoderBlock, packed: tuple, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheView) -> Tensor:
-    """`block(x, (cos, sin), None, cache)` as bare calls (the module doc)."""
-    (qkv_weight, qkv_bias, qkv_widths), o_weight, (gate_up_weight, gate_up_bias, gate_up_widths), down_weight = packed
-    attn, mlp = block.attention, block.mlp
+def _layer(plan: _Plan, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheView) -> Tensor:
+    """The block's forward, `block(x, (cos, sin), None, cache)`, as bare calls (the module doc)."""
     _, N, dim = x.shape
-    H, Hkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    H, Hkv, hd = plan.heads
+    norm1, eps1, norm2, eps2 = plan.norms
     h = torch.empty_like(x)
-    fused.rms_norm_into(x, dim, block.input_norm.weight, block.input_norm.norm_eps, h)
-    qkv = _linear(h, qkv_weight, qkv_bias)  # (1, N, (H + 2 Hkv) hd)
-    q, k, v = qkv.split_with_sizes(qkv_widths, -1)
+    fused.rms_norm_into(x, dim, norm1, eps1, h)
+    qkv = _linear(h, *plan.qkv[:2])  # (1, N, (H + 2 Hkv) hd)
+    q, k, v = qkv.split_with_sizes(plan.qkv[2], -1)
     q, k, v = q.view(1, N, H, hd), k.view(1, N, Hkv, hd), v.view(1, N, Hkv, hd)
     q_rot, k_rot = torch.empty(q.shape, dtype=x.dtype), torch.empty(k.shape, dtype=x.dtype)
     fused.rotary_into(q, qkv.shape[-1], k, qkv.shape[-1], cos, sin, q_rot, k_rot)
-    cache.write(attn.layer_id, k_rot, v)
-    out = cache.attend(attn.layer_id, q_rot[0], k_rot[0], v[0], hd**-0.5)  # (N, H, hd)
+    cache.write(plan.layer_id, k_rot, v)
+    out = cache.attend(plan.layer_id, q_rot[0], k_rot[0], v[0], hd**-0.5)  # (N, H, hd)
     if out is None:
         raise RuntimeError("a packed KV-cache view returned no attention (KVCacheView.attend)")
-    x = x + _linear(out.view(1, N, H * hd), o_weight, attn.o_proj.bias)
-    fused.rms_norm_into(x, dim, block.post_attention_norm.weight, block.post_attention_norm.norm_eps, h)
-    gate_up = _linear(h, gate_up_weight, gate_up_bias)
-    gate, up = gate_up.split_with_sizes(gate_up_widths, -1)
+    x = x + _linear(out.view(1, N, H * hd), *plan.o)
+    fused.rms_norm_into(x, dim, norm2, eps2, h)
+    gate_up = _linear(h, *plan.gate_up[:2])
+    gate, up = gate_up.split_with_sizes(plan.gate_up[2], -1)
     hidden = torch.empty(gate.shape, dtype=x.dtype)
     fused.silu_mul_into(gate, up, gate_up.shape[-1], hidden)
-    return x + _linear(hidden, down_weight, mlp.down.bias)
+    return x + _linear(hidden, *plan.down)
 
 
 def _linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:

@@ -67,7 +67,7 @@ class Linear(nn.Linear):
     def _packed_weight(self) -> Tensor | None:
         """The packed copy of the current weight, re-made when the weight changed; None (and the kernels off)
         when the weight moved to a device or dtype that cannot be packed."""
-        weight = self.weight
+        weight = self._parameters["weight"]
         packed = self._packed
         if packed is None or packed[0] is not weight or packed[1] != _stamp(weight):
             if not can_pack(weight):
@@ -179,7 +179,8 @@ def plain_module(module: nn.Module, kind: type[nn.Module]) -> bool:
 
 
 def _tensors(layers: tuple[Linear, ...]) -> list[Tensor | None]:
-    return [layer.weight for layer in layers] + [layer.bias for layer in layers]
+    """Weights, then biases (from the parameter dictionaries: `Module.__getattr__` would cost more than the rest)."""
+    return [layer._parameters["weight"] for layer in layers] + [layer._parameters["bias"] for layer in layers]
 
 
 def _stamp(t: Tensor | None) -> tuple[int, int]:
