@@ -2,15 +2,15 @@
 
 The module path (`DecoderBlock` -> `RMSNorm`, `GQA`, `MLP`, `Linear`) decides at every call whether its kernel
 serves the arguments and whether each packed weight is still current. In a small model's decode step that
-Python is a good part of the time around the matrix products: with the benchmark's 20M model, interleaved A/B
-runs gave 5.5 -> 4.9 ms for a bfloat16 batch-1 step, 8.1 -> 7.5 ms for 16 bfloat16 sequences, 11.4 -> 11.0
-ms for 16 float32 sequences (a busy machine). In a packed
-step (`KVCacheView.packed`) under `torch.inference_mode()` on the CPU the answers are the same for every layer,
-so `run_layers` checks them once per step and then runs each layer as its bare sequence of calls: the fused
-RMSNorm, one packed q/k/v product, the fused rotary embedding, the cache's write and attend, the output
-projection and residual, the second RMSNorm, one packed gate/up product, the fused SwiGLU, the down projection
-and residual. These are the calls the module path makes, in the same order on the same values, so the result
-is bit for bit the module path's (its reference in the tests).
+Python is a good part of the time around the matrix products. In a packed step (`KVCacheView.packed`) under
+`torch.inference_mode()` on the CPU the answers are the same for every layer, so `run_layers` checks them once
+per step and then runs each layer as its bare sequence of calls: the fused RMSNorm, one packed q/k/v product,
+the fused rotary embedding, the cache's write and attend, the output projection and residual, the second
+RMSNorm, one packed gate/up product, the fused SwiGLU, the down projection and residual. These are the calls
+the module path makes, in the same order on the same values, so the result is bit for bit the module path's
+(its reference in the tests). With the benchmark's 20M model, interleaved A/B runs on a busy machine gave
+5.5 -> 4.9 ms for a bfloat16 batch-1 step, 8.1 -> 7.5 ms for 16 bfloat16 sequences and 11.4 -> 11.0 ms for 16
+float32 sequences.
 
 It serves GQA attention without q/k norm or gating and with rotary over the whole head, the SwiGLU MLP (each
 module exactly its class, with no forward hooks: a LoRA adapter's hook keeps the module path), in float32
