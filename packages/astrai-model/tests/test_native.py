@@ -198,6 +198,7 @@ def test_matmul_serves_blocks_of_16_outputs_only():
             matmul.linear(torch.ones(3, 8, dtype=dtype), torch.ones(2, 4, 16, 2, dtype=dtype))
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512bf16 is an x86 flag")
 def test_matmul_built_without_the_bfloat16_dot_product_refuses_bfloat16(tmp_path, monkeypatch):
     """A CPU without AVX512-BF16 builds the float32 kernel only: `has_bf16_dot()` is 0 there (so `pack` leaves
     bfloat16 weights to oneDNN) and the bfloat16 entry refuses instead of computing anything."""
