@@ -37,7 +37,8 @@ class InferenceEngine:
     KV cache follows the model's dtype. `max_prefill_tokens` bounds the prompt tokens computed per step.
     `pack_weights` (CPU): multiply through packed copies of the weights (a C kernel, oneDNN where it does not
     serve), 1.2-3x faster projections for one more copy of the weights in memory
-    (`astrai.model.pack_linear_weights`); dropped at `shutdown()`.
+    (`astrai.model.pack_linear_weights`); dropped at `shutdown()`. `cuda_graphs` (CUDA): decode steps are
+    recorded once per batch and page-count bucket and replayed (`astrai.inference.cuda_graphs`).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class InferenceEngine:
         max_prefill_tokens: int = 512,
         model_name: str = "astrai",
         pack_weights: bool = True,
+        cuda_graphs: bool = True,
     ):
         dtype = _resolve_dtype(dtype)
         if device is not None or dtype is not None:
@@ -75,6 +77,7 @@ class InferenceEngine:
             device=device,
             dtype=dtype,
             pack_weights=pack_weights,
+            cuda_graphs=cuda_graphs,
         )
         self.max_seq_len = self.scheduler.max_seq_len
         self.scheduler.start()

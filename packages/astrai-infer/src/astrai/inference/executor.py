@@ -14,21 +14,28 @@ last real token (`logits_index`): that is where the next token of a finished pre
 When the cache takes packed steps (`KVCache.packs_steps`: the CPU paged attention kernel serves it), the batch
 is not padded: `input_ids` and `position_ids` are (1, sum(n_b)), row after row, and the view is bound packed,
 so every projection runs on exactly the step's tokens (`astrai.protocols.KVCacheView`).
+
+With `static_decode`, decode steps run at fixed shapes instead (`astrai.inference.cuda_graphs`): recorded once per
+shape as CUDA graphs on a CUDA device and replayed, or run eagerly elsewhere (the reference the tests use).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from astrai.inference import cuda_graphs
 from astrai.inference.cache import KVCache
 from astrai.inference.sampling import GREEDY_TEMPERATURE, SamplingPipeline
 from astrai.inference.task import Task
 from astrai.model import pack_linear_weights
 from astrai.model.native import fused
+
+logger = logging.getLogger(__name__)
 
 
 class Executor:
@@ -41,7 +48,12 @@ class Executor:
         page_cache: KVCache,
         device: torch.device | None = None,
         pack_weights: bool = False,
+        static_decode: bool = False,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
     ):
+        # static_decode: decode steps of up to `max_batch_size` rows and `max_seq_len` positions at fixed shapes
+        # (cuda_graphs.DecodeGraphs; CUDA graphs on a CUDA device), where the model allows (cuda_graphs.serves).
         self.model = model
         self.tokenizer = tokenizer
         self.page_cache = page_cache
@@ -51,6 +63,11 @@ class Executor:
         # and the model's fused CPU kernels (astrai.model.native.fused) on the CPU.
         self.packs_steps = page_cache.packs_steps
         self.fused_kernels = self.device.type == "cpu" and fused.available()
+        self.decode_graphs: cuda_graphs.DecodeGraphs | None = None
+        if static_decode and cuda_graphs.serves(model, page_cache):
+            seq_len = max_seq_len if max_seq_len is not None else model.config.max_len
+            capture = self.device.type == "cuda"
+            self.decode_graphs = cuda_graphs.DecodeGraphs(model, page_cache, max_batch_size, seq_len, capture)
 
     def close(self) -> None:
         """Drop the packed weight copies (if any)."""
@@ -66,7 +83,14 @@ class Executor:
 
     def execute_decode(self, tasks: Sequence[Task]) -> torch.Tensor:
         """Feed each task's last sampled token at its next position; (B, V) logits."""
-        return self._forward(tasks, [[t.all_ids[t.next_pos]] for t in tasks])
+        tokens = [t.all_ids[t.next_pos] for t in tasks]
+        if self.decode_graphs is not None:
+            try:
+                return self.decode_graphs.run([t.task_id for t in tasks], tokens, [t.next_pos for t in tasks])
+            except cuda_graphs.CaptureError:
+                logger.warning("decode steps run without CUDA graphs from now on", exc_info=True)
+                self.decode_graphs = None
+        return self._forward(tasks, [[token] for token in tokens])
 
     def sample(self, tasks: Sequence[Task], logits: torch.Tensor) -> list[int]:
         """One token per task from its logits row (B, V), with that task's sampling parameters and seed."""

@@ -19,9 +19,9 @@ A step, repeated while there is work (the thread sleeps on a condition otherwise
    does not take, no C compiler, `ASTRAI_NATIVE_KERNELS=0`) the prefill chunks run first, sharing a forward
    only while right-padding them to the longest wastes at most a quarter of its tokens (on a CPU prefill is
    compute-bound, so padding is pure loss; a lone long chunk runs alone), then one forward for all decodes
-   (one token per row, each row at its own position). A task whose sequence is now fully in the cache samples
-   its next token from the logits of its last token, so the first generated token comes from the prefill
-   itself (defect 1 of the original).
+   (one token per row, each row at its own position; on CUDA a replayed graph, `astrai.inference.cuda_graphs`).
+   A task whose sequence is now fully in the cache samples its next token from the logits of its last token,
+   so the first generated token comes from the prefill itself (defect 1 of the original).
 5. **Emit**: each sampled token is checked against the task's stop tokens, `max_tokens` and stop strings and
    streamed as text; finished tasks free their pages (their full pages stay in the prefix cache).
 
@@ -77,6 +77,7 @@ class InferenceScheduler:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         pack_weights: bool = True,
+        cuda_graphs: bool = True,
     ):
         config = model.config
         self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
@@ -93,7 +94,16 @@ class InferenceScheduler:
         param = next(model.parameters())
         device = torch.device(device) if device is not None else param.device
         self._page_cache = KVCache.from_config(config, num_pages, self.page_size, dtype or param.dtype, device)
-        self._executor = Executor(model, tokenizer, self._page_cache, device, pack_weights)
+        self._executor = Executor(
+            model,
+            tokenizer,
+            self._page_cache,
+            device,
+            pack_weights,
+            static_decode=cuda_graphs and device.type == "cuda",
+            max_batch_size=self.max_batch_size,
+            max_seq_len=self.max_seq_len,
+        )
         self._task_mgr = TaskManager(max_queue)
         self._outputs: dict[str, OutputStream] = {}  # loop only: each admitted-or-waiting task's event stream
         self._running = False

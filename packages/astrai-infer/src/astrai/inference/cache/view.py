@@ -16,6 +16,9 @@ padded steps otherwise.
 Slot indices depend only on the page tables and lengths, not on the layer, so they are computed once per
 step (padded: on the first `write`, when T is known, and on the first `gather`; packed: when bound) and reused
 by every layer.
+
+`StaticDecodeView` is a decode step over tensors of fixed shape whose contents the caller refills each step, so
+that the step can be recorded once and replayed as a CUDA graph (`astrai.inference.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from astrai.inference.cache.paged_attention import PagedChunks, PagedRows, supports_cache
 from astrai.inference.cache.storage import Storage
+from astrai.model.sdpa import decode_attention
 
 
 def in_place_supported(storage: Storage) -> bool:
@@ -171,3 +175,49 @@ class _PackedStep:
             tokens = self.decode_tokens
             out[tokens] = self.decodes.attend(q[tokens], k_cache, v_cache, scale)
         return out
+
+
+class StaticDecodeView:
+    """A packed decode step (one token per row) over caller-owned tensors of fixed shape: no host sync, no
+    shape that depends on the data, so the step can be captured as a CUDA graph and replayed after the caller
+    refills the tensors in place.
+
+    Row b writes its entry at flat slot `slots[b]` and attends over positions `0 .. seq_lens[b] - 1` of the pages
+    `page_table[b]` (B, P): all P pages are gathered and positions from `seq_lens[b]` on are masked. A padding
+    row has slot `storage.scratch_slot`, a table of scratch pages (`storage.num_pages`) and length 1. Needs
+    per-head entries, equal for k and v (GQA's layout)."""
+
+    packed = True
+
+    def __init__(self, storage: Storage, slots: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor):
+        if not (len(storage.k_shape) == 2 and storage.k_shape == storage.v_shape):
+            raise ValueError(f"a static decode step needs GQA cache entries; got {storage.k_shape}, {storage.v_shape}")
+        self._storage = storage
+        self._slots = slots  # (B,) int64
+        self._page_table = page_table  # (B, P) int64
+        self._seq_lens = seq_lens  # (B,) int64
+        self._mask: torch.Tensor | None = None  # (B, 1, 1, P * page_size), made by the first attend
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        return self._seq_lens
+
+    def write(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the step's entries, (1, B, Hkv, d) each."""
+        self._storage.write_slots(layer_id, self._slots, k[0], v[0])
+
+    def gather(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("a static decode view is packed: the model calls attend, never gather")
+
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q (B, H, d) -> (B, H, d) over each row's pages, read after this step's entries are written."""
+        storage = self._storage
+        batch, width = self._page_table.shape[0], self._page_table.shape[1] * storage.page_size
+        if self._mask is None:
+            positions = torch.arange(width, device=self._seq_lens.device)
+            self._mask = (positions[None, :] < self._seq_lens[:, None])[:, None, None, :]
+        keys, values = (
+            cache[layer_id][self._page_table].view(batch, width, *storage.k_shape).transpose(1, 2)
+            for cache in (storage.k_cache, storage.v_cache)
+        )  # (B, Hkv, S, d) each
+        return decode_attention(q[:, :, None], keys, values, self._mask, scale)[:, :, 0]
