@@ -4,8 +4,8 @@ One random Llama-layout checkpoint is written by transformers and loaded by both
 CPU, a 0.5B-class model (Qwen2.5-0.5B's shape: 24 layers of 896, 14 query and 2 KV heads, 151,936 tokens, tied
 embeddings) on CUDA (`--model` picks either). For each dtype (fp32, bf16) the run measures, greedy and without
 early stops (every request produces exactly its requested number of tokens; each figure the best of 3 runs on
-both sides, 2 on CUDA, and each of our runs starts from an empty prefix cache, since the repeats send the same
-prompts and HF recomputes them every time):
+both sides, one on CUDA, whose timings vary little; each of our runs starts from an empty prefix cache, since
+the repeats send the same prompts and HF recomputes them every time):
 
 - batch-1 decode tok/s, ours vs HF, and its share of the memory-bandwidth bound `BW / W`
   (W = bytes of the weights read per token; BW measured here by a large tensor copy);
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default: 20m on cpu, 0.5b on cuda")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per figure, best kept (default 3; cuda 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per figure, best kept (default 3; cuda 1)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--device {args.device!r}: allowed cpu, cuda")
     on_gpu = device.type == "cuda"
     model = args.model or ("0.5b" if on_gpu else "20m")
-    sizes = _sizes(args.quick, args.repeats or (2 if on_gpu else 3))
+    sizes = _sizes(args.quick, args.repeats or (1 if on_gpu else 3))
     bw = _bandwidth(device)
     where = torch.cuda.get_device_name(device) if on_gpu else f"cpu, torch threads: {torch.get_num_threads()}"
     print(f"{where}; model {model}; memory bandwidth (copy): {bw / 1e9:.1f} GB/s")

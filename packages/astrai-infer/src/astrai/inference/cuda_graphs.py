@@ -9,7 +9,8 @@ page tables) are one int64 tensor on the device, refilled by one host-to-device 
 model sees them through a `StaticDecodeView` (packed, one token per row). Padding rows write to the cache's
 scratch page and attend over it; their logits are dropped.
 
-Graphs are recorded on first use of their bucket (a few tens of milliseconds each) into one shared memory pool.
+An engine records every bucket's graph when it starts (`record_all`; a few tens of milliseconds each, into one
+shared memory pool); a `DecodeGraphs` used alone records each on first use.
 With `capture=False` the same fixed-shape step runs eagerly: what the CPU tests check against the engine's
 other paths, and the GPU tests against the replayed graphs.
 """
@@ -97,15 +98,23 @@ class _Step:
         return out["logits"]
 
     def capture(self, pool) -> None:
-        """Record the step (its inputs are padding rows now: the warm-up run writes only the scratch page)."""
-        side = torch.cuda.Stream(device=self.inputs.device)
-        side.wait_stream(torch.cuda.current_stream(self.inputs.device))
+        """Record the step (its inputs are padding rows now: the warm-up run writes only the scratch page).
+
+        As `torch.cuda.graph` does, but without its `gc.collect()` per graph (a tenth of a second each with a
+        large Python heap, and an engine records dozens)."""
+        device = self.inputs.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             self.forward()  # warm-up: lazy initialisations happen outside the capture
-        torch.cuda.current_stream(self.inputs.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits = self.forward()
+            torch.cuda.synchronize(device)
+            graph.capture_begin(pool, capture_error_mode="thread_local")
+            try:
+                self.logits = self.forward()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(side)
         self.graph = graph
 
     def run(self, values: list[int]) -> torch.Tensor:
@@ -132,6 +141,13 @@ class DecodeGraphs:
         self.page_buckets = buckets(-(-max_seq_len // page_cache.page_size))
         self._steps: dict[tuple[int, int], _Step] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def record_all(self) -> None:
+        """Record every bucket's graph now (largest first, so that the smaller ones reuse its memory), so that no
+        request waits for one; raises CaptureError."""
+        for batch in reversed(self.batch_buckets):
+            for pages in reversed(self.page_buckets):
+                self._step(batch, pages)
 
     @property
     def recorded(self) -> int:

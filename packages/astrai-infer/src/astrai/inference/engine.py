@@ -34,11 +34,11 @@ class InferenceEngine:
     """A model and its tokenizer served by one background scheduler loop (started on construction).
 
     `device` / `dtype` (a torch dtype or its name, e.g. "bfloat16") move and cast `model` itself, in place; the
-    KV cache follows the model's dtype. `max_prefill_tokens` bounds the prompt tokens computed per step.
-    `pack_weights` (CPU): multiply through packed copies of the weights (a C kernel, oneDNN where it does not
-    serve), 1.2-3x faster projections for one more copy of the weights in memory
+    KV cache follows the model's dtype. `max_prefill_tokens` bounds the prompt tokens computed per step (default
+    512 on the CPU, 2048 on a GPU). `pack_weights` (CPU): multiply through packed copies of the weights (a C
+    kernel, oneDNN where it does not serve), 1.2-3x faster projections for one more copy of the weights in memory
     (`astrai.model.pack_linear_weights`); dropped at `shutdown()`. `cuda_graphs` (CUDA): decode steps are
-    recorded once per batch and page-count bucket and replayed (`astrai.inference.cuda_graphs`).
+    recorded at start, one graph per batch and page-count bucket, and replayed (`astrai.inference.cuda_graphs`).
     """
 
     def __init__(
@@ -52,7 +52,7 @@ class InferenceEngine:
         max_queue: int = 256,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
-        max_prefill_tokens: int = 512,
+        max_prefill_tokens: int | None = None,
         model_name: str = "astrai",
         pack_weights: bool = True,
         cuda_graphs: bool = True,

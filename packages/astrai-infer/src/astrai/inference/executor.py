@@ -68,6 +68,11 @@ class Executor:
             seq_len = max_seq_len if max_seq_len is not None else model.config.max_len
             capture = self.device.type == "cuda"
             self.decode_graphs = cuda_graphs.DecodeGraphs(model, page_cache, max_batch_size, seq_len, capture)
+            if capture:
+                try:
+                    self.decode_graphs.record_all()  # at start, as the kernels are built: no request waits
+                except cuda_graphs.CaptureError:
+                    self._drop_graphs()
 
     def close(self) -> None:
         """Drop the packed weight copies (if any)."""
@@ -88,8 +93,7 @@ class Executor:
             try:
                 return self.decode_graphs.run([t.task_id for t in tasks], tokens, [t.next_pos for t in tasks])
             except cuda_graphs.CaptureError:
-                logger.warning("decode steps run without CUDA graphs from now on", exc_info=True)
-                self.decode_graphs = None
+                self._drop_graphs()
         return self._forward(tasks, [[token] for token in tokens])
 
     def sample(self, tasks: Sequence[Task], logits: torch.Tensor) -> list[int]:
@@ -99,6 +103,11 @@ class Executor:
         else:
             tokens = SamplingPipeline.for_tasks(tasks, logits.device).sample(logits)
         return tokens.tolist()
+
+    def _drop_graphs(self) -> None:
+        """Run decode steps without graphs from now on (called while handling a CaptureError)."""
+        logger.warning("decode steps run without CUDA graphs", exc_info=True)
+        self.decode_graphs = None
 
     def _forward(self, tasks: Sequence[Task], chunks: list[list[int]]) -> torch.Tensor:
         lens = [len(c) for c in chunks]

@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 _MAX_PADDING = 0.25  # prefill chunks share a forward while padding stays below this share of its tokens
 
 
+_PREFILL_TOKENS_CPU = 512  # default prompt tokens per step: prefill is compute-bound there, decodes wait on it
+_PREFILL_TOKENS_GPU = 2048
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}: must be a positive integer")
@@ -73,7 +77,7 @@ class InferenceScheduler:
         page_size: int = 16,
         num_pages: int | None = None,
         max_queue: int = 256,
-        max_prefill_tokens: int = 512,
+        max_prefill_tokens: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         pack_weights: bool = True,
@@ -83,6 +87,10 @@ class InferenceScheduler:
         self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
         self.max_seq_len = _positive_int("max_seq_len", max_seq_len if max_seq_len is not None else config.max_len)
         self.page_size = _positive_int("page_size", page_size)
+        param = next(model.parameters())
+        device = torch.device(device) if device is not None else param.device
+        if max_prefill_tokens is None:  # a GPU computes a long chunk in the time it launches a short one
+            max_prefill_tokens = _PREFILL_TOKENS_CPU if device.type == "cpu" else _PREFILL_TOKENS_GPU
         self.max_prefill_tokens = _positive_int("max_prefill_tokens", max_prefill_tokens)
         pages_per_seq = -(-self.max_seq_len // self.page_size)
         num_pages = self.max_batch_size * pages_per_seq if num_pages is None else num_pages
@@ -91,8 +99,6 @@ class InferenceScheduler:
                 f"num_pages={num_pages}: the cache must hold one sequence of max_seq_len={self.max_seq_len} "
                 f"tokens, i.e. at least {pages_per_seq} pages of {self.page_size}"
             )
-        param = next(model.parameters())
-        device = torch.device(device) if device is not None else param.device
         self._page_cache = KVCache.from_config(config, num_pages, self.page_size, dtype or param.dtype, device)
         self._executor = Executor(
             model,
