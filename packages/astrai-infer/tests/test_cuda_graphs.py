@@ -1,5 +1,5 @@
-"""Fixed-shape decode steps (`astrai.inference.cuda_graphs`): run eagerly on the CPU against the naive reference,
-and on CUDA recorded as graphs against the eager steps and the reference."""
+"""Fixed-shape steps (`astrai.inference.cuda_graphs`): run eagerly on the CPU against the naive reference and the
+engine's own steps, and on CUDA recorded as graphs against the eager steps and the reference."""
 
 from __future__ import annotations
 
@@ -9,21 +9,24 @@ import random
 import pytest
 import torch
 
+import astrai.inference.cache.view as view_module
 from astrai.config import AutoRegressiveLMConfig
 from astrai.inference import Executor, InferenceEngine, KVCache, SamplingParams, Task, cuda_graphs
-from astrai.inference.cuda_graphs import DecodeGraphs, buckets, serves
+from astrai.inference.cuda_graphs import StepGraphs, buckets, serves
 from astrai.model import AutoRegressiveLM
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def _static_engine(model, tokenizer, **kwargs) -> InferenceEngine:
-    """An engine whose decode steps run through eager fixed-shape steps (the CPU stand-in for the graphs)."""
+    """An engine whose steps run as eager fixed-shape steps (the CPU stand-in for the graphs)."""
     engine = InferenceEngine(model, tokenizer, **kwargs)
-    executor = engine.scheduler.executor
-    executor.decode_graphs = DecodeGraphs(
-        model, executor.page_cache, engine.scheduler.max_batch_size, engine.max_seq_len, capture=False
-    )
+    scheduler = engine.scheduler
+    executor = scheduler.executor
+    executor.graphs = StepGraphs(
+        model, executor.page_cache, scheduler.max_batch_size, scheduler.max_prefill_tokens, engine.max_seq_len,
+        capture=False,
+    )  # fmt: skip
     return engine
 
 
@@ -47,13 +50,22 @@ def test_buckets_double_up_to_the_limit():
     assert buckets(1) == [1]
     assert buckets(16) == [1, 2, 4, 8, 16]
     assert buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert buckets(512, 16) == [16, 32, 64, 128, 256, 512]
+    assert buckets(8, 16) == [8]
 
 
-def test_static_decode_matches_naive_recompute(model, tokenizer, naive_greedy):
-    """Many concurrent requests of mixed lengths, prefix hits and forced preemption (20 pages of 4 for up to 8
-    sequences of up to 64 tokens): every greedy output is the naive one, over several batch and page buckets."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_static_steps_match_naive_recompute(model, tokenizer, naive_greedy, monkeypatch, packed):
+    """Many concurrent requests of mixed lengths, chunked prefill (12 tokens a step), prefix hits and forced
+    preemption (24 pages of 4 for up to 8 sequences of up to 64 tokens): every greedy output is the naive one,
+    over several step shapes. `packed`: as the CPU schedules (decodes ride along with prefill chunks), else as
+    CUDA does (prefill chunks and decodes in steps of their own)."""
+    if not packed:
+        monkeypatch.setattr(view_module, "supports_cache", lambda cache: False)
     prompts, lengths = _requests(0, 20)
-    engine = _static_engine(model, tokenizer, max_batch_size=8, max_seq_len=64, page_size=4, num_pages=24)
+    engine = _static_engine(
+        model, tokenizer, max_batch_size=8, max_seq_len=64, page_size=4, num_pages=24, max_prefill_tokens=12
+    )
     try:
         handles = [engine.submit(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in zip(prompts, lengths)]
         outputs = [_tokens(handle) for handle in handles]
@@ -62,45 +74,61 @@ def test_static_decode_matches_naive_recompute(model, tokenizer, naive_greedy):
         engine.shutdown()
     assert outputs == [naive_greedy(p, n) for p, n in zip(prompts, lengths)]
     assert stats["preemptions"] > 0 and stats["prefix_hit_tokens"] > 0
-    shapes = engine.scheduler.executor.decode_graphs._steps.keys()
-    assert len({rows for rows, _ in shapes}) >= 3 and len({pages for _, pages in shapes}) >= 2, sorted(shapes)
+    shapes = engine.scheduler.executor.graphs._steps.keys()
+    decodes = {(rows, pages) for rows, tokens, pages in shapes if tokens == 1}
+    chunks = {pages for rows, tokens, pages in shapes if tokens == 12}
+    assert len(decodes) >= 3 and len(chunks) >= 3, sorted(shapes)  # chunks: first and continued ones
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_static_decode_logits_match_the_packed_step(model, tokenizer, dtype):
-    """The same decode rows through the eager fixed-shape step and through the engine's own step: the same
-    logits (float32 to rounding; bfloat16 within its precision), padding rows and pages leaving no trace."""
+def test_static_steps_logits_match_the_engine_steps(model, tokenizer, dtype):
+    """The same rows through the eager fixed-shape steps and through the engine's own steps: the same logits
+    (float32 to rounding; bfloat16 within its precision), padding rows, tokens and pages leaving no trace."""
     model = copy.deepcopy(model).to(dtype)
     cache = KVCache.from_config(model.config, num_pages=40, page_size=4, dtype=dtype)
-    executor = Executor(model, tokenizer, cache, static_decode=True, max_batch_size=8, max_seq_len=64)
-    assert executor.decode_graphs is not None and not executor.decode_graphs.capture
+    executor = Executor(model, tokenizer, cache, static_steps=True, max_batch_size=8, max_chunk=32, max_seq_len=64)
+    graphs = executor.graphs
+    assert graphs is not None and not graphs.capture
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
     rng = random.Random(1)
     tasks = []
     for i, n in enumerate([3, 9, 17, 30, 5]):  # 1 to 8 pages each: 5 rows in a bucket of 8, 8 pages
         task = Task(task_id=f"t{i}", prompt_ids=[rng.randrange(10, 400) for _ in range(n)], max_tokens=4)
         assert cache.task_alloc(task.task_id, task.all_ids)
-        executor.execute_prefill([task], [n - 1])
+        first = min(n - 1, 7)  # a first chunk, then a continued one (through the static step), then the rest
+        for start, end in ((0, first), (first, n - 1)):
+            if end > start:
+                chunk = task.all_ids[start:end]
+                static = graphs.prefill(task.task_id, chunk, start).float().clone()
+                task.next_pos = start
+                reference = executor._forward([task], [chunk]).float()
+                torch.testing.assert_close(static, reference, **tolerance)
         task.next_pos = n - 1
         tasks.append(task)
     static = executor.execute_decode(tasks).float()
     reference = executor._forward(tasks, [[t.all_ids[t.next_pos]] for t in tasks]).float()
-    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
     torch.testing.assert_close(static, reference, **tolerance)
     assert static.shape == (5, model.config.vocab_size)
+    both = executor.execute_prefill(tasks[:2], [1, 1]).float()  # two rows: one step each, both logits kept
+    torch.testing.assert_close(both, reference[:2], **tolerance)
 
 
-def test_static_decode_refuses_bad_steps(model, tokenizer):
+def test_static_steps_refuse_bad_steps(model, tokenizer):
     cache = KVCache.from_config(model.config, num_pages=8, page_size=4)
-    graphs = DecodeGraphs(model, cache, max_batch=4, max_seq_len=16, capture=False)
+    graphs = StepGraphs(model, cache, max_batch=4, max_chunk=16, max_seq_len=16, capture=False)
     assert cache.task_alloc("a", [5, 6, 7])
     with pytest.raises(ValueError, match="at least one row"):
-        graphs.run([], [], [])
+        graphs.decode([], [], [])
+    with pytest.raises(ValueError, match="at least one token"):
+        graphs.prefill("a", [], 0)
     with pytest.raises(ValueError, match="pages end before position 4"):
-        graphs.run(["a"], [9], [4])  # its one page holds positions 0-3
+        graphs.decode(["a"], [9], [4])  # its one page holds positions 0-3
+    with pytest.raises(ValueError, match="pages end before position 4"):
+        graphs.prefill("a", [9, 9], 3)
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
-        graphs.run(["a"] * 5, [9] * 5, [2] * 5)
+        graphs.decode(["a"] * 5, [9] * 5, [2] * 5)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA cache"):
-        DecodeGraphs(model, cache, max_batch=4, max_seq_len=16, capture=True)
+        StepGraphs(model, cache, max_batch=4, max_chunk=16, max_seq_len=16, capture=True)
 
 
 def test_a_step_that_cannot_be_recorded_falls_back_to_eager_decoding(model, tokenizer, naive_greedy, monkeypatch):
@@ -110,13 +138,14 @@ def test_a_step_that_cannot_be_recorded_falls_back_to_eager_decoding(model, toke
     def fail(*args):
         raise cuda_graphs.CaptureError("an operation that cannot be captured")
 
-    monkeypatch.setattr(executor.decode_graphs, "run", fail)
+    monkeypatch.setattr(executor.graphs, "decode", fail)
+    monkeypatch.setattr(executor.graphs, "prefill", fail)
     try:
         outputs = engine.generate([[5, 6, 7], list(range(10, 30))], max_tokens=6, **GREEDY)
     finally:
         engine.shutdown()
     assert outputs == [naive_greedy([5, 6, 7], 6), naive_greedy(list(range(10, 30)), 6)]
-    assert executor.decode_graphs is None  # dropped at the first failure
+    assert executor.graphs is None  # dropped at the first failure
 
 
 @pytest.mark.parametrize(
@@ -136,10 +165,10 @@ def test_models_whose_steps_change_shape_keep_the_eager_path(tokenizer, layout):
     cache = KVCache.from_config(config, num_pages=8, page_size=4)
     assert not serves(model, cache)
     with pytest.raises(ValueError, match="cannot run at fixed shape"):
-        DecodeGraphs(model, cache, max_batch=2, max_seq_len=16, capture=False)
+        StepGraphs(model, cache, max_batch=2, max_chunk=16, max_seq_len=16, capture=False)
 
 
-def test_qk_norm_gated_tied_model_through_static_decode(tokenizer, naive_greedy):
+def test_qk_norm_gated_tied_model_through_static_steps(tokenizer, naive_greedy):
     config = AutoRegressiveLMConfig(
         vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=64, max_len=128,
         use_qk_norm=True, use_gated_attention=True, attn_bias=True, tie_weight=True,
@@ -158,13 +187,13 @@ def test_qk_norm_gated_tied_model_through_static_decode(tokenizer, naive_greedy)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decode_matches_eager_steps_and_naive(model, tokenizer, naive_greedy, dtype):
-    """On the device, concurrent requests of mixed lengths with prefix hits and preemption: replayed graphs give
-    exactly the tokens of the same fixed-shape steps run eagerly (the same kernels), and in float32 those of the
-    padded steps (`cuda_graphs=False`) and of the naive reference."""
+def test_cuda_graphs_match_eager_steps_and_naive(model, tokenizer, naive_greedy, dtype):
+    """On the device, concurrent requests of mixed lengths with chunked prefill, prefix hits and preemption:
+    replayed graphs give exactly the tokens of the same fixed-shape steps run eagerly (the same kernels), and in
+    float32 those of the padded steps (`cuda_graphs=False`) and of the naive reference."""
     cuda_model = copy.deepcopy(model).to("cuda", dtype)
     prompts, lengths = _requests(2, 24)
-    kwargs = dict(max_batch_size=8, max_seq_len=64, page_size=4, num_pages=24)
+    kwargs = dict(max_batch_size=8, max_seq_len=64, page_size=4, num_pages=24, max_prefill_tokens=12)
     outputs = {}
     for mode in ("graphs", "eager fixed shape", "padded"):
         if mode == "eager fixed shape":
@@ -172,20 +201,16 @@ def test_cuda_graph_decode_matches_eager_steps_and_naive(model, tokenizer, naive
         else:
             engine = InferenceEngine(cuda_model, tokenizer, cuda_graphs=mode == "graphs", **kwargs)
         try:
+            graphs = engine.scheduler.executor.graphs
+            if mode == "graphs":  # every bucket recorded at start
+                assert graphs is not None and graphs.capture and graphs.recorded == len(graphs._steps) >= 20
             handles = [engine.submit(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in zip(prompts, lengths)]
             outputs[mode] = [_tokens(handle) for handle in handles]
             assert engine.get_stats()["preemptions"] > 0
-            graphs = engine.scheduler.executor.decode_graphs
-            if mode == "graphs":  # every bucket recorded at start: 4 batch sizes x 5 page counts
-                assert graphs is not None and graphs.capture and graphs.recorded == 20 == len(graphs._steps)
-            elif mode == "padded":
-                assert graphs is None
+            assert (engine.scheduler.executor.graphs is None) == (mode == "padded")  # no fallback happened
         finally:
             engine.shutdown()
     assert outputs["graphs"] == outputs["eager fixed shape"]
     if dtype == torch.float32:
-        assert (
-            outputs["graphs"]
-            == outputs["padded"]
-            == [naive_greedy(p, n, model=cuda_model) for p, n in zip(prompts, lengths)]
-        )
+        naive = [naive_greedy(p, n, model=cuda_model) for p, n in zip(prompts, lengths)]
+        assert outputs["graphs"] == outputs["padded"] == naive

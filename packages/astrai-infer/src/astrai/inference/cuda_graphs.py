@@ -1,41 +1,45 @@
-"""`DecodeGraphs`: decode steps recorded once as CUDA graphs and replayed, one graph per step shape.
+"""`StepGraphs`: decode steps and one-row prefill chunks recorded once as CUDA graphs and replayed, one graph
+per step shape.
 
-A decode step of a small model on a GPU is launch-bound: a few hundred kernels of microseconds each, issued one
-by one from Python. Replaying a recorded graph issues them all at once. A graph replays fixed shapes and fixed
-addresses, so every step of `rows` decodes is fed through tensors of one fixed shape per *bucket*: the batch is
-padded to the next batch bucket (1, 2, 4, ... up to `max_batch`) and the page tables to the next page bucket
-(1, 2, 4, ... up to the pages of `max_seq_len`). The step's inputs (token ids, positions, write slots, lengths,
-page tables) are one int64 tensor on the device, refilled by one host-to-device copy before each replay; the
-model sees them through a `StaticDecodeView` (packed, one token per row). Padding rows write to the cache's
-scratch page and attend over it; their logits are dropped.
+A step of a small model on a GPU is launch-bound: a few hundred kernels of microseconds each, issued one by one
+from Python (a 0.5B model's decode step: ~27 ms issued eagerly, 2.5 ms replayed on an H200). Replaying a
+recorded graph issues them all at once. A graph replays fixed shapes at fixed addresses, so every step is fed
+through tensors of one fixed shape per *bucket*:
 
-An engine records every bucket's graph when it starts (`record_all`; a few tens of milliseconds each, into one
-shared memory pool); a `DecodeGraphs` used alone records each on first use.
-With `capture=False` the same fixed-shape step runs eagerly: what the CPU tests check against the engine's
-other paths, and the GPU tests against the replayed graphs.
+- a decode step of `rows` tasks, one token each: the rows padded to the next batch bucket (1, 2, 4, ... up to
+  `max_batch`);
+- a prefill chunk of one task: its tokens padded to the next chunk bucket (16, 32, ... up to `max_chunk`);
+
+and in both the page tables padded to the next page bucket (1, 2, 4, ... up to the pages of `max_seq_len`).
+The step's inputs (token ids, positions, write slots, lengths, the rows whose logits are wanted, page tables) are
+one int64 tensor on the device, refilled by one host-to-device copy before each replay; the model sees them
+through a `StaticStepView` (packed). Padding writes to the cache's scratch page; its logits are never read.
+
+An engine records every bucket's graph when it starts (`record_all`; tens of milliseconds each, into one shared
+memory pool). With `capture=False` the same fixed-shape steps run eagerly: what the CPU tests check against the
+engine's other paths, and the GPU tests against the replayed graphs.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from astrai.inference.cache import KVCache
-from astrai.inference.cache.view import StaticDecodeView
+from astrai.inference.cache.view import StaticStepView
 
-logger = logging.getLogger(__name__)
+MIN_CHUNK = 16  # the smallest prefill chunk bucket
 
 
 class CaptureError(RuntimeError):
-    """Recording a decode step as a CUDA graph failed (an operation that cannot be captured); the caller runs
-    its steps eagerly instead."""
+    """Recording a step as a CUDA graph failed (an operation that cannot be captured); the caller runs its steps
+    eagerly instead."""
 
 
 def serves(model: nn.Module, page_cache: KVCache) -> bool:
-    """Whether decode steps of `model` over `page_cache` can run at fixed shape: GQA cache entries and dense
+    """Whether steps of `model` over `page_cache` can run at fixed shape: GQA cache entries and dense
     feed-forward layers (mixture-of-experts routing sizes its work from the data)."""
     storage = page_cache.storage
     config = getattr(model, "config", None)
@@ -47,61 +51,68 @@ def serves(model: nn.Module, page_cache: KVCache) -> bool:
     )
 
 
-def buckets(limit: int) -> list[int]:
-    """1, 2, 4, ... below `limit`, then `limit`."""
-    sizes = [1]
+def buckets(limit: int, smallest: int = 1) -> list[int]:
+    """smallest, 2 * smallest, ... below `limit`, then `limit`."""
+    sizes = [min(smallest, limit)]
     while sizes[-1] * 2 < limit:
         sizes.append(sizes[-1] * 2)
-    return sizes + [limit] if limit > 1 else sizes
+    return sizes + [limit] if sizes[-1] < limit else sizes
 
 
 class _Step:
-    """One bucket's fixed-shape decode step: its input tensor, and its graph once recorded."""
+    """One bucket's fixed-shape step, `rows` rows of `tokens` tokens over `pages` pages: its input tensor, and its
+    graph once recorded."""
 
-    def __init__(self, model: nn.Module, page_cache: KVCache, batch: int, pages: int):
-        storage = page_cache.storage
+    def __init__(self, model: nn.Module, page_cache: KVCache, rows: int, tokens: int, pages: int):
         self.model = model
-        self.storage = storage
-        self.batch, self.pages = batch, pages
-        device = storage.device
-        # ids, positions, write slots, lengths (batch each), then the page tables (batch * pages).
-        self.inputs = torch.empty(4 * batch + batch * pages, dtype=torch.int64, device=device)
-        self.inputs.copy_(torch.tensor(self.values([], [], [])))  # all padding
-        self.last_rows = torch.arange(batch, device=device)  # every row's one token gives logits
+        self.storage = page_cache.storage
+        self.rows, self.tokens, self.pages = rows, tokens, pages
+        n = rows * tokens
+        # ids, positions, write slots (n each), lengths, logit rows (rows each), page tables (rows * pages).
+        self.sizes = [n, n, n, rows, rows, rows * pages]
+        self.inputs = torch.empty(sum(self.sizes), dtype=torch.int64, device=self.storage.device)
+        self.inputs.copy_(torch.tensor(self.values([])))  # all padding
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None  # (batch, 1, V), the graph's output
+        self.logits: torch.Tensor | None = None  # (rows, 1, V), the graph's output
 
-    def values(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> list[int]:
-        """`inputs` for decoding `tokens[b]` at `positions[b]` through page table `tables[b]` (which covers it),
-        padded to the bucket's rows and pages."""
-        pad = self.batch - len(tokens)
-        ps, scratch_page = self.storage.page_size, self.storage.num_pages
+    def values(self, chunks: Sequence[tuple[list[int], int, list[int]]]) -> list[int]:
+        """`inputs` for rows `(tokens, start, page_table)`: each row's tokens from position `start` through its
+        page table (which covers them), padded to the bucket's rows, tokens and pages."""
+        ps, scratch_slot, scratch_page = self.storage.page_size, self.storage.scratch_slot, self.storage.num_pages
+        ids, positions, slots, lengths, last, tables = [], [], [], [], [], []
+        for r, (chunk, start, table) in enumerate(chunks):
+            n, pad = len(chunk), self.tokens - len(chunk)
+            ids += chunk + [0] * pad
+            positions += [*range(start, start + n), *[start + n - 1] * pad]
+            slots += [table[p // ps] * ps + p % ps for p in range(start, start + n)] + [scratch_slot] * pad
+            lengths.append(start + n)
+            last.append(r * self.tokens + n - 1)
+            tables += table + [scratch_page] * (self.pages - len(table))
+        pad_rows = self.rows - len(chunks)
+        n = pad_rows * self.tokens
         return (
-            [*tokens, *[0] * pad]
-            + [*positions, *[0] * pad]
-            + [t[p // ps] * ps + p % ps for t, p in zip(tables, positions, strict=True)]
-            + [self.storage.scratch_slot] * pad
-            + [p + 1 for p in positions]
-            + [1] * pad
-            + [page for t in tables for page in t + [scratch_page] * (self.pages - len(t))]
-            + [scratch_page] * (pad * self.pages)
-        )
+            ids + [0] * n
+            + positions + [0] * n
+            + slots + [scratch_slot] * n
+            + lengths + [1] * pad_rows
+            + last + [(len(chunks) + r) * self.tokens for r in range(pad_rows)]
+            + tables + [scratch_page] * (pad_rows * self.pages)
+        )  # fmt: skip
 
     def forward(self) -> torch.Tensor:
-        batch, pages = self.batch, self.pages
-        ids, positions, slots, lengths, tables = self.inputs.split([batch] * 4 + [batch * pages])
-        view = StaticDecodeView(self.storage, slots, tables.view(batch, pages), lengths)
+        ids, positions, slots, lengths, last, tables = self.inputs.split(self.sizes)
+        view = StaticStepView(
+            self.storage, slots, tables.view(self.rows, self.pages), lengths, positions.view(self.rows, self.tokens)
+        )
         with torch.inference_mode():
-            out = self.model(
-                input_ids=ids[None], position_ids=positions[None], logits_index=self.last_rows, paged_cache=view
-            )
+            out = self.model(input_ids=ids[None], position_ids=positions[None], logits_index=last, paged_cache=view)
         return out["logits"]
 
     def capture(self, pool) -> None:
-        """Record the step (its inputs are padding rows now: the warm-up run writes only the scratch page).
+        """Record the step (its inputs are padding now: the warm-up run writes only the scratch page).
 
-        As `torch.cuda.graph` does, but without its `gc.collect()` per graph (a tenth of a second each with a
-        large Python heap, and an engine records dozens)."""
+        As `torch.cuda.graph` does, but without its `gc.collect()` per graph (in some torch versions; a tenth of
+        a second each with a large Python heap, and an engine records dozens)."""
         device = self.inputs.device
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -117,77 +128,99 @@ class _Step:
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = graph
 
-    def run(self, values: list[int]) -> torch.Tensor:
-        self.inputs.copy_(torch.tensor(values, dtype=torch.int64))
+    def run(self, chunks: Sequence[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """(len(chunks), V) logits of each row's last token, valid until this step runs again."""
+        self.inputs.copy_(torch.tensor(self.values(chunks), dtype=torch.int64))
         if self.graph is None:
-            return self.forward()
-        self.graph.replay()
-        return self.logits
+            logits = self.forward()
+        else:
+            self.graph.replay()
+            logits = self.logits
+        return logits[: len(chunks), 0]
 
 
-class DecodeGraphs:
-    """Fixed-shape decode steps for up to `max_batch` rows over `page_cache`, recorded as CUDA graphs when
-    `capture` (the cache must live on a CUDA device), else run eagerly (the reference)."""
+class StepGraphs:
+    """Fixed-shape steps over `page_cache`: decodes of up to `max_batch` rows and one-row prefill chunks of up to
+    `max_chunk` tokens, for sequences of up to `max_seq_len` positions; recorded as CUDA graphs when `capture`
+    (the cache must live on a CUDA device), else run eagerly (the reference)."""
 
-    def __init__(self, model: nn.Module, page_cache: KVCache, max_batch: int, max_seq_len: int, capture: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        page_cache: KVCache,
+        max_batch: int,
+        max_chunk: int,
+        max_seq_len: int,
+        capture: bool = True,
+    ):
         if not serves(model, page_cache):
-            raise ValueError("decode steps of this model cannot run at fixed shape (DecodeGraphs needs GQA + MLP)")
+            raise ValueError("steps of this model cannot run at fixed shape (StepGraphs needs GQA + MLP)")
         if capture and page_cache.storage.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA cache; this one is on {page_cache.storage.device}")
         self.model = model
         self.page_cache = page_cache
         self.capture = capture
         self.batch_buckets = buckets(max_batch)
+        self.chunk_buckets = buckets(min(max_chunk, max_seq_len), MIN_CHUNK)
         self.page_buckets = buckets(-(-max_seq_len // page_cache.page_size))
-        self._steps: dict[tuple[int, int], _Step] = {}
+        self._steps: dict[tuple[int, int, int], _Step] = {}  # (rows, tokens, pages) -> step
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     def record_all(self) -> None:
         """Record every bucket's graph now (largest first, so that the smaller ones reuse its memory), so that no
-        request waits for one; raises CaptureError."""
-        for batch in reversed(self.batch_buckets):
+        request waits for one; raises CaptureError. Chunks are recorded only over the page counts that can hold
+        them (a chunk of T tokens spans more than T / 2 positions)."""
+        ps, smallest = self.page_cache.page_size, self.chunk_buckets[0]
+        shapes = [(rows, 1) for rows in self.batch_buckets]
+        shapes += [(1, tokens) for tokens in self.chunk_buckets if tokens > 1]
+        for rows, tokens in sorted(shapes, key=lambda shape: -shape[0] * shape[1]):
             for pages in reversed(self.page_buckets):
-                self._step(batch, pages)
+                if tokens <= smallest or pages * ps > tokens // 2:
+                    self._step(rows, tokens, pages)
 
     @property
     def recorded(self) -> int:
         """Graphs recorded so far."""
         return sum(step.graph is not None for step in self._steps.values())
 
-    def run(self, task_ids: Sequence[str], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def decode(self, task_ids: Sequence[str], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """Decode `tokens[b]` at `positions[b]` of task `task_ids[b]` (whose pages cover that position);
-        (rows, V) logits, valid until the next call."""
-        rows = len(task_ids)
-        if rows == 0:
+        (rows, V) logits, valid until the next step of the same shape."""
+        if not task_ids:
             raise ValueError("a decode step needs at least one row")
-        ps = self.page_size
-        tables = []
-        for task_id, pos in zip(task_ids, positions, strict=True):
-            pages = self.page_cache.task_pages(task_id)[: pos // ps + 1]
-            if len(pages) * ps <= pos:
-                raise ValueError(f"task_id={task_id!r}: its pages end before position {pos}")
-            tables.append(pages)
-        batch = _bucket(rows, self.batch_buckets)
-        width = _bucket(max(len(t) for t in tables), self.page_buckets)
-        step = self._step(batch, width)
-        return step.run(step.values(list(tokens), list(positions), tables))[:rows, 0]
+        chunks = [self._row(t, [token], pos) for t, token, pos in zip(task_ids, tokens, positions, strict=True)]
+        width = _bucket(max(len(table) for *_, table in chunks), self.page_buckets)
+        return self._step(_bucket(len(chunks), self.batch_buckets), 1, width).run(chunks)
 
-    @property
-    def page_size(self) -> int:
-        return self.page_cache.page_size
+    def prefill(self, task_id: str, tokens: Sequence[int], start: int) -> torch.Tensor:
+        """Feed `tokens` from position `start` of task `task_id` (whose pages cover them); (1, V) logits of the
+        last, valid until the next step of the same shape."""
+        if not tokens:
+            raise ValueError("a prefill chunk needs at least one token")
+        chunk = self._row(task_id, list(tokens), start)
+        step = self._step(1, _bucket(len(tokens), self.chunk_buckets), _bucket(len(chunk[2]), self.page_buckets))
+        return step.run([chunk])
 
-    def _step(self, batch: int, pages: int) -> _Step:
-        step = self._steps.get((batch, pages))
+    def _row(self, task_id: str, tokens: list[int], start: int) -> tuple[list[int], int, list[int]]:
+        """(tokens, start, the pages up to the last token's), checked."""
+        ps, end = self.page_cache.page_size, start + len(tokens)
+        pages = self.page_cache.task_pages(task_id)[: (end - 1) // ps + 1]
+        if len(pages) * ps < end:
+            raise ValueError(f"task_id={task_id!r}: its pages end before position {end - 1}")
+        return tokens, start, pages
+
+    def _step(self, rows: int, tokens: int, pages: int) -> _Step:
+        step = self._steps.get((rows, tokens, pages))
         if step is None:
-            step = _Step(self.model, self.page_cache, batch, pages)
+            step = _Step(self.model, self.page_cache, rows, tokens, pages)
             if self.capture:
                 try:
                     with torch.cuda.device(step.inputs.device):
                         step.capture(self._pool)
                 except Exception as exc:
-                    raise CaptureError(f"recording the decode step of {batch} rows x {pages} pages: {exc}") from exc
-                logger.debug("recorded the decode graph of %d rows x %d pages", batch, pages)
-            self._steps[(batch, pages)] = step
+                    shape = f"{rows} rows x {tokens} tokens x {pages} pages"
+                    raise CaptureError(f"recording the step of {shape}: {exc}") from exc
+            self._steps[(rows, tokens, pages)] = step
         return step
 
 

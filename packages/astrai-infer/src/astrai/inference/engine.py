@@ -37,8 +37,8 @@ class InferenceEngine:
     KV cache follows the model's dtype. `max_prefill_tokens` bounds the prompt tokens computed per step (default
     512 on the CPU, 2048 on a GPU). `pack_weights` (CPU): multiply through packed copies of the weights (a C
     kernel, oneDNN where it does not serve), 1.2-3x faster projections for one more copy of the weights in memory
-    (`astrai.model.pack_linear_weights`); dropped at `shutdown()`. `cuda_graphs` (CUDA): decode steps are
-    recorded at start, one graph per batch and page-count bucket, and replayed (`astrai.inference.cuda_graphs`).
+    (`astrai.model.pack_linear_weights`); dropped at `shutdown()`. `cuda_graphs` (CUDA): decode steps and
+    prefill chunks are recorded at start, one graph per shape bucket, and replayed (`astrai.inference.cuda_graphs`).
     """
 
     def __init__(

@@ -15,8 +15,9 @@ When the cache takes packed steps (`KVCache.packs_steps`: the CPU paged attentio
 is not padded: `input_ids` and `position_ids` are (1, sum(n_b)), row after row, and the view is bound packed,
 so every projection runs on exactly the step's tokens (`astrai.protocols.KVCacheView`).
 
-With `static_decode`, decode steps run at fixed shapes instead (`astrai.inference.cuda_graphs`): recorded once per
-shape as CUDA graphs on a CUDA device and replayed, or run eagerly elsewhere (the reference the tests use).
+With `static_steps`, decode steps and prefill chunks run at fixed shapes instead (`astrai.inference.cuda_graphs`;
+a prefill of several rows as one step per row): recorded once per shape as CUDA graphs on a CUDA device and
+replayed, or run eagerly elsewhere (the reference the tests use).
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ class Executor:
         page_cache: KVCache,
         device: torch.device | None = None,
         pack_weights: bool = False,
-        static_decode: bool = False,
+        static_steps: bool = False,
         max_batch_size: int = 16,
+        max_chunk: int = 512,
         max_seq_len: int | None = None,
     ):
-        # static_decode: decode steps of up to `max_batch_size` rows and `max_seq_len` positions at fixed shapes
-        # (cuda_graphs.DecodeGraphs; CUDA graphs on a CUDA device), where the model allows (cuda_graphs.serves).
+        # static_steps: decodes of up to `max_batch_size` rows and prefill chunks of up to `max_chunk` tokens, of
+        # sequences up to `max_seq_len`, at fixed shapes (cuda_graphs.StepGraphs; CUDA graphs on a CUDA device),
+        # where the model allows (cuda_graphs.serves).
         self.model = model
         self.tokenizer = tokenizer
         self.page_cache = page_cache
@@ -63,14 +66,14 @@ class Executor:
         # and the model's fused CPU kernels (astrai.model.native.fused) on the CPU.
         self.packs_steps = page_cache.packs_steps
         self.fused_kernels = self.device.type == "cpu" and fused.available()
-        self.decode_graphs: cuda_graphs.DecodeGraphs | None = None
-        if static_decode and cuda_graphs.serves(model, page_cache):
+        self.graphs: cuda_graphs.StepGraphs | None = None
+        if static_steps and cuda_graphs.serves(model, page_cache):
             seq_len = max_seq_len if max_seq_len is not None else model.config.max_len
             capture = self.device.type == "cuda"
-            self.decode_graphs = cuda_graphs.DecodeGraphs(model, page_cache, max_batch_size, seq_len, capture)
+            self.graphs = cuda_graphs.StepGraphs(model, page_cache, max_batch_size, max_chunk, seq_len, capture)
             if capture:
                 try:
-                    self.decode_graphs.record_all()  # at start, as the kernels are built: no request waits
+                    self.graphs.record_all()  # at start, as the kernels are built: no request waits
                 except cuda_graphs.CaptureError:
                     self._drop_graphs()
 
@@ -84,14 +87,21 @@ class Executor:
         """Feed `num_tokens[b]` tokens of each task's sequence from `task.next_pos` (a decoding task feeds its
         one pending token); (B, V) last-token logits."""
         chunks = [t.all_ids[t.next_pos : t.next_pos + n] for t, n in zip(tasks, num_tokens, strict=True)]
+        graphs = self.graphs
+        if graphs is not None and max(num_tokens) <= graphs.chunk_buckets[-1]:
+            try:  # one step per row; each row's logits copied before a step of the same shape overwrites them
+                rows = [graphs.prefill(t.task_id, chunk, t.next_pos) for t, chunk in zip(tasks, chunks, strict=True)]
+                return rows[0] if len(rows) == 1 else torch.cat([row.clone() for row in rows])
+            except cuda_graphs.CaptureError:
+                self._drop_graphs()
         return self._forward(tasks, chunks)
 
     def execute_decode(self, tasks: Sequence[Task]) -> torch.Tensor:
         """Feed each task's last sampled token at its next position; (B, V) logits."""
         tokens = [t.all_ids[t.next_pos] for t in tasks]
-        if self.decode_graphs is not None:
+        if self.graphs is not None:
             try:
-                return self.decode_graphs.run([t.task_id for t in tasks], tokens, [t.next_pos for t in tasks])
+                return self.graphs.decode([t.task_id for t in tasks], tokens, [t.next_pos for t in tasks])
             except cuda_graphs.CaptureError:
                 self._drop_graphs()
         return self._forward(tasks, [[token] for token in tokens])
@@ -105,9 +115,9 @@ class Executor:
         return tokens.tolist()
 
     def _drop_graphs(self) -> None:
-        """Run decode steps without graphs from now on (called while handling a CaptureError)."""
-        logger.warning("decode steps run without CUDA graphs", exc_info=True)
-        self.decode_graphs = None
+        """Run steps without graphs from now on (called while handling a CaptureError)."""
+        logger.warning("steps run without CUDA graphs", exc_info=True)
+        self.graphs = None
 
     def _forward(self, tasks: Sequence[Task], chunks: list[list[int]]) -> torch.Tensor:
         lens = [len(c) for c in chunks]

@@ -19,7 +19,8 @@ A step, repeated while there is work (the thread sleeps on a condition otherwise
    does not take, no C compiler, `ASTRAI_NATIVE_KERNELS=0`) the prefill chunks run first, sharing a forward
    only while right-padding them to the longest wastes at most a quarter of its tokens (on a CPU prefill is
    compute-bound, so padding is pure loss; a lone long chunk runs alone), then one forward for all decodes
-   (one token per row, each row at its own position; on CUDA a replayed graph, `astrai.inference.cuda_graphs`).
+   (one token per row, each row at its own position). On CUDA each of these steps is a replayed graph
+   (`astrai.inference.cuda_graphs`), a prefill one per chunk.
    A task whose sequence is now fully in the cache samples its next token from the logits of its last token,
    so the first generated token comes from the prefill itself (defect 1 of the original).
 5. **Emit**: each sampled token is checked against the task's stop tokens, `max_tokens` and stop strings and
@@ -106,8 +107,9 @@ class InferenceScheduler:
             self._page_cache,
             device,
             pack_weights,
-            static_decode=cuda_graphs and device.type == "cuda",
+            static_steps=cuda_graphs and device.type == "cuda",
             max_batch_size=self.max_batch_size,
+            max_chunk=self.max_prefill_tokens,
             max_seq_len=self.max_seq_len,
         )
         self._task_mgr = TaskManager(max_queue)

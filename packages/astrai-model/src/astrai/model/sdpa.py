@@ -95,7 +95,7 @@ def sdpa(
     n_rep = q.shape[1] // k.shape[1]
     if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         if k.shape[0] * k.shape[2] > _SMALL_DECODE_KEYS:
-            return decode_attention(q, k, v, attn_mask, scale)
+            return grouped_attention(q, k, v, attn_mask, scale)
         # Few keys in all: the fused float32 kernel on upcast copies is faster still (and exact in float32).
         out = sdpa(q.float(), k.float(), v.float(), attn_mask, is_causal, scale)
         return out.to(q.dtype)
@@ -117,21 +117,21 @@ def sdpa(
 _SMALL_DECODE_KEYS = 1024  # batch * keys up to which half-precision decode attention runs in float32 (see sdpa)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float | None) -> Tensor:
-    """One query token per row, q (B, H, 1, dq) over k (B, Hkv, S, dq), v (B, Hkv, S, dv): two matmuls over
-    grouped heads and a float32 softmax -> (B, H, 1, dv). `attn_mask` (B, 1, 1, S) boolean or None.
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float | None) -> Tensor:
+    """q (B, H, T, dq) over k (B, Hkv, S, dq), v (B, Hkv, S, dv) -> (B, H, T, dv): two matmuls over grouped heads
+    (the KV heads are never repeated) and a float32 softmax. `attn_mask` (B, 1, T, S) boolean or None; every
+    query must see at least one key.
 
-    torch's CPU flash kernel is tuned for long queries; at q_len = 1 in bf16 it is ~7x slower than this
-    (measured on AVX-512 with torch 2.13), and decode steps are all q_len = 1. It also serves fixed-shape decode
-    steps on CUDA (CUDA graphs, `astrai.inference.cuda_graphs`): no repeat of the KV heads, no host sync.
+    torch's CPU flash kernel is tuned for long queries; at T = 1 in bf16 it is ~7x slower than this (measured on
+    AVX-512 with torch 2.13), and decode steps are all T = 1. It also serves the fixed-shape steps replayed as
+    CUDA graphs (`astrai.inference.cuda_graphs`): plain matmuls, no host sync, any mask.
     """
-    B, H, _, dq = q.shape
+    B, H, T, dq = q.shape
     Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, H // Hkv, dq)  # query head h = g * n_rep + r reads KV head g
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (
-        scale if scale is not None else dq**-0.5
-    )  # (B, Hkv, n_rep, S)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))  # (B, 1, 1, S) broadcasts over heads
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(B, H, 1, v.shape[-1])  # (B, H, 1, dv)
+    n_rep = H // Hkv
+    qg = q.reshape(B, Hkv, n_rep * T, dq)  # query head h = g * n_rep + r reads KV head g; rows (r, t)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (scale if scale is not None else dq**-0.5)
+    if attn_mask is not None:  # (B, 1, T, S) broadcasts over the KV heads and the heads of each group
+        scores = scores.view(B, Hkv, n_rep, T, -1).masked_fill(~attn_mask[:, :, None], float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype).view(B, Hkv, n_rep * T, -1)
+    return torch.matmul(probs, v).reshape(B, H, T, v.shape[-1])

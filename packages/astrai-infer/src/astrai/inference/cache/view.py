@@ -17,8 +17,8 @@ Slot indices depend only on the page tables and lengths, not on the layer, so th
 step (padded: on the first `write`, when T is known, and on the first `gather`; packed: when bound) and reused
 by every layer.
 
-`StaticDecodeView` is a decode step over tensors of fixed shape whose contents the caller refills each step, so
-that the step can be recorded once and replayed as a CUDA graph (`astrai.inference.cuda_graphs`).
+`StaticStepView` is a step over tensors of fixed shape whose contents the caller refills each step, so that the
+step can be recorded once and replayed as a CUDA graph (`astrai.inference.cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from astrai.inference.cache.paged_attention import PagedChunks, PagedRows, supports_cache
 from astrai.inference.cache.storage import Storage
-from astrai.model.sdpa import decode_attention
+from astrai.model.sdpa import grouped_attention
 
 
 def in_place_supported(storage: Storage) -> bool:
@@ -177,47 +177,59 @@ class _PackedStep:
         return out
 
 
-class StaticDecodeView:
-    """A packed decode step (one token per row) over caller-owned tensors of fixed shape: no host sync, no
-    shape that depends on the data, so the step can be captured as a CUDA graph and replayed after the caller
-    refills the tensors in place.
+class StaticStepView:
+    """A packed step of R rows bringing T tokens each, over caller-owned tensors of fixed shape: no host sync and
+    no shape that depends on the data, so the step can be captured as a CUDA graph and replayed after the
+    caller refills the tensors in place. A decode step is T = 1; a prefill chunk of one row is R = 1.
 
-    Row b writes its entry at flat slot `slots[b]` and attends over positions `0 .. seq_lens[b] - 1` of the pages
-    `page_table[b]` (B, P): all P pages are gathered and positions from `seq_lens[b]` on are masked. A padding
-    row has slot `storage.scratch_slot`, a table of scratch pages (`storage.num_pages`) and length 1. Needs
-    per-head entries, equal for k and v (GQA's layout)."""
+    Token t of row r (flat index r * T + t) writes its entry at `slots[r * T + t]` and attends over the positions
+    `j <= positions[r, t]` of the pages `page_table[r]` (R, P): all P pages are gathered, the rest masked.
+    `seq_lens[r]` is one past the row's last position. Padding (rows, or tokens past a row's chunk) writes to `storage.scratch_slot`; a padding
+    token repeats its row's last position and a padding row reads scratch pages (`storage.num_pages`) with
+    length 1. Needs per-head entries, equal for k and v (GQA's layout)."""
 
     packed = True
 
-    def __init__(self, storage: Storage, slots: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor):
+    def __init__(
+        self,
+        storage: Storage,
+        slots: torch.Tensor,
+        page_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        positions: torch.Tensor,
+    ):
         if not (len(storage.k_shape) == 2 and storage.k_shape == storage.v_shape):
-            raise ValueError(f"a static decode step needs GQA cache entries; got {storage.k_shape}, {storage.v_shape}")
+            raise ValueError(f"a static step needs GQA cache entries; got {storage.k_shape}, {storage.v_shape}")
         self._storage = storage
-        self._slots = slots  # (B,) int64
-        self._page_table = page_table  # (B, P) int64
-        self._seq_lens = seq_lens  # (B,) int64
-        self._mask: torch.Tensor | None = None  # (B, 1, 1, P * page_size), made by the first attend
+        self._slots = slots  # (R * T,) int64
+        self._page_table = page_table  # (R, P) int64
+        self._seq_lens = seq_lens  # (R,) int64
+        self._positions = positions  # (R, T) int64
+        self._mask: torch.Tensor | None = None  # (R, 1, T, P * page_size), made by the first attend
 
     @property
     def seq_lens(self) -> torch.Tensor:
         return self._seq_lens
 
     def write(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the step's entries, (1, B, Hkv, d) each."""
+        """Store the step's entries, (1, R * T, Hkv, d) each."""
         self._storage.write_slots(layer_id, self._slots, k[0], v[0])
 
     def gather(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise RuntimeError("a static decode view is packed: the model calls attend, never gather")
+        raise RuntimeError("a static step view is packed: the model calls attend, never gather")
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q (B, H, d) -> (B, H, d) over each row's pages, read after this step's entries are written."""
+        """q (R * T, H, d) -> (R * T, H, d) over each row's pages, read after this step's entries are written."""
         storage = self._storage
-        batch, width = self._page_table.shape[0], self._page_table.shape[1] * storage.page_size
+        rows, tokens = self._positions.shape
+        width = self._page_table.shape[1] * storage.page_size
         if self._mask is None:
-            positions = torch.arange(width, device=self._seq_lens.device)
-            self._mask = (positions[None, :] < self._seq_lens[:, None])[:, None, None, :]
+            keys = torch.arange(width, device=self._positions.device)
+            self._mask = (keys <= self._positions[:, :, None])[:, None]  # (R, 1, T, S); the row ends at its last
         keys, values = (
-            cache[layer_id][self._page_table].view(batch, width, *storage.k_shape).transpose(1, 2)
+            cache[layer_id][self._page_table].view(rows, width, *storage.k_shape).transpose(1, 2)
             for cache in (storage.k_cache, storage.v_cache)
-        )  # (B, Hkv, S, d) each
-        return decode_attention(q[:, :, None], keys, values, self._mask, scale)[:, :, 0]
+        )  # (R, Hkv, S, d) each
+        q = q.view(rows, tokens, *q.shape[1:]).transpose(1, 2)  # (R, H, T, d)
+        out = grouped_attention(q, keys, values, self._mask, scale)  # (R, H, T, d)
+        return out.transpose(1, 2).contiguous().view(rows * tokens, out.shape[1], out.shape[3])
