@@ -131,12 +131,14 @@ class _Step:
     def run(self, chunks: Sequence[tuple[list[int], int, list[int]]]) -> torch.Tensor:
         """(len(chunks), V) logits of each row's last token, valid until this step runs again."""
         self.inputs.copy_(torch.tensor(self.values(chunks), dtype=torch.int64))
-        if self.graph is None:
-            logits = self.forward()
-        else:
+        if self.graph is not None:
             self.graph.replay()
-            logits = self.logits
-        return logits[: len(chunks), 0]
+        elif self.logits is None:
+            self.logits = self.forward()
+        else:  # eagerly, into the same tensor: what callers get is overwritten by the next run, as with a graph
+            with torch.inference_mode():
+                self.logits.copy_(self.forward())
+        return self.logits[: len(chunks), 0]
 
 
 class StepGraphs:

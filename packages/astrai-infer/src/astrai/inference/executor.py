@@ -90,8 +90,10 @@ class Executor:
         graphs = self.graphs
         if graphs is not None and max(num_tokens) <= graphs.chunk_buckets[-1]:
             try:  # one step per row; each row's logits copied before a step of the same shape overwrites them
-                rows = [graphs.prefill(t.task_id, chunk, t.next_pos) for t, chunk in zip(tasks, chunks, strict=True)]
-                return rows[0] if len(rows) == 1 else torch.cat([row.clone() for row in rows])
+                if len(tasks) == 1:
+                    return graphs.prefill(tasks[0].task_id, chunks[0], tasks[0].next_pos)
+                pairs = zip(tasks, chunks, strict=True)
+                return torch.cat([graphs.prefill(t.task_id, chunk, t.next_pos).clone() for t, chunk in pairs])
             except cuda_graphs.CaptureError:
                 self._drop_graphs()
         return self._forward(tasks, chunks)
