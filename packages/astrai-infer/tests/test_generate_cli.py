@@ -19,6 +19,8 @@ def test_single_prompt_prints_the_greedy_output(model_dir, make_engine, capsys):
     assert capsys.readouterr().out == expected + "\n"
     assert _generate(model_dir, "--prompt", "Hello world", "--no-pack-weights", *GREEDY) == 0
     assert capsys.readouterr().out == expected + "\n"
+    assert _generate(model_dir, "--prompt", "Hello world", "--no-cuda-graphs", *GREEDY) == 0  # a no-op on the CPU
+    assert capsys.readouterr().out == expected + "\n"
 
 
 def test_chat_mode_uses_the_chat_template(model_dir, make_engine, tokenizer, capsys):

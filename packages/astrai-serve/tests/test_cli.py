@@ -31,3 +31,4 @@ def test_api_key_defaults_to_the_environment(monkeypatch):
     args = parser.parse_args(["--model", "m"])
     assert (args.api_key, args.port, args.host, args.dtype) == ("from-env", 8000, "127.0.0.1", None)
     assert args.pack_weights and not parser.parse_args(["--model", "m", "--no-pack-weights"]).pack_weights
+    assert args.cuda_graphs and not parser.parse_args(["--model", "m", "--no-cuda-graphs"]).cuda_graphs

@@ -36,13 +36,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
     parser.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    add_engine_speed_options(parser)
+    parser.set_defaults(run=_run)
+
+
+def add_engine_speed_options(parser: argparse.ArgumentParser) -> None:
+    """The engine's speed switches (`astrai generate`, `astrai serve`); `engine_speed_options` reads them."""
     parser.add_argument(
         "--no-pack-weights",
         dest="pack_weights",
         action="store_false",
         help="CPU: skip the packed weight copy (saves one weight's worth of memory, slower)",
     )
-    parser.set_defaults(run=_run)
+    parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="CUDA: issue every step's kernels from Python instead of replaying recorded graphs (slower)",
+    )
+
+
+def engine_speed_options(args: argparse.Namespace) -> dict[str, bool]:
+    """`InferenceEngine` keyword arguments of `add_engine_speed_options`' flags."""
+    return dict(pack_weights=args.pack_weights, cuda_graphs=args.cuda_graphs)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -67,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_batch_size=args.max_batch_size,
         max_queue=max(256, len(records)),  # batch mode queues every line at once
-        pack_weights=args.pack_weights,
+        **engine_speed_options(args),
     ) as engine:
         if args.prompt is not None:
             return _single(engine, args, params)

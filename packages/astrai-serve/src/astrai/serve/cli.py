@@ -9,6 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+from astrai.inference.cli import add_engine_speed_options, engine_speed_options
+
 DTYPES = ("float32", "bfloat16", "float16")
 API_KEY_ENV = "ASTRAI_API_KEY"
 
@@ -30,12 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get(API_KEY_ENV),
         help=f"require this key (Bearer or x-api-key) on every endpoint but /health (default: ${API_KEY_ENV})",
     )
-    parser.add_argument(
-        "--no-pack-weights",
-        dest="pack_weights",
-        action="store_false",
-        help="CPU: skip the packed weight copy (saves one weight's worth of memory, slower)",
-    )
+    add_engine_speed_options(parser)
     parser.add_argument("--model-name", default=None, help="name reported to clients (default: folder name)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(run=run)
@@ -59,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         num_pages=args.num_pages,
         max_queue=args.max_queue,
-        pack_weights=args.pack_weights,
+        **engine_speed_options(args),
     )
     app = create_app(engine, api_key=args.api_key or None, model_name=args.model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
