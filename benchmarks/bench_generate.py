@@ -23,7 +23,8 @@ and without (`cuda_graphs=False`), against the same HF figure.
 
 The limit column is the machine's bound for the same work: batch 1 `BW / W`; batched runs
 `tokens / max(weight and KV reads / BW, 2 * N * tokens / FLOPS)` with FLOPS measured by a large matmul;
-time to first token `2 * N * uncached prompt tokens / FLOPS`.
+time to first token `2 * N * uncached prompt tokens / FLOPS`. N counts the weights a token multiplies by: every
+one but the embedding for a generated token, and the LM head too only for those (a prompt token skips it).
 
     python benchmarks/bench_generate.py [--quick] [--dtypes fp32,bf16]      # or: astrai bench generate
     python benchmarks/bench_generate.py --device cuda --dtypes bf16         # the 0.5B model on the GPU
@@ -204,6 +205,7 @@ class _Setup:
         )
         bits = torch.finfo(dtype).bits
         self.weight_bytes = self.n_read * bits // 8
+        self.n_prompt = self.n_read - model.lm_head.weight.numel()  # a prompt token's weights: no LM head
         cfg = model.config
         self.kv_tok = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bits // 8
         self.bw = bw
@@ -248,7 +250,7 @@ def _measure_ours(setup: _Setup, name: str, graphs: bool, sizes, work: _Workload
     engine = InferenceEngine(
         model, tokenizer, max_batch_size=16, max_seq_len=1024, model_name="bench", cuda_graphs=graphs
     )
-    limits = (setup.n_read, setup.weight_bytes, setup.kv_tok, setup.bw, setup.flops)
+    limits = (setup.n_read, setup.n_prompt, setup.weight_bytes, setup.kv_tok, setup.bw, setup.flops)
     rows = []
     try:
         _ours(engine, [work.b1], [8])  # warm-up
@@ -273,7 +275,7 @@ def _measure_ours(setup: _Setup, name: str, graphs: bool, sizes, work: _Workload
         for prefix, first, second in ttft:
             cold.append(_timed(partial(_ours, engine, [prefix + first], [1])))
             warm.append(_timed(partial(_ours, engine, [prefix + second], [1], reuse_prefixes=True)))
-        floor = 2 * setup.n_read / setup.flops * 1e3  # ms of compute per prompt token
+        floor = 2 * setup.n_prompt / setup.flops * 1e3  # ms of compute per prompt token
         rows.append(
             dict(metric=f"TTFT 528-token prompt, {name}", unit="ms", ours=1e3 * min(cold), peer=1e3 * peers["ttft"],
                  peer_name="HF generate", limit=528 * floor, limit_name="compute bound")
@@ -296,20 +298,20 @@ def _measure_ours(setup: _Setup, name: str, graphs: bool, sizes, work: _Workload
     return rows
 
 
-def _batch_limit(b, n, prompt_len, n_read, weight_bytes, kv_tok, bw, flops) -> float:
+def _batch_limit(b, n, prompt_len, n_read, n_prompt, weight_bytes, kv_tok, bw, flops) -> float:
     # Per decode step: the weights once plus every row's KV (mean context); compute 2*N per token.
     step = max((weight_bytes + b * (prompt_len + n / 2) * kv_tok) / bw, 2 * n_read * b / flops)
-    prefill = 2 * n_read * b * prompt_len / flops
+    prefill = 2 * n_prompt * b * prompt_len / flops
     return b * n / (n * step + prefill)
 
 
-def _mixed_limit(prompts, outputs, in_flight, n_read, weight_bytes, kv_tok, bw, flops) -> float:
+def _mixed_limit(prompts, outputs, in_flight, n_read, n_prompt, weight_bytes, kv_tok, bw, flops) -> float:
     # At least ceil(tokens / in_flight) decode steps each reading the weights; every token costs 2*N FLOPs.
     tokens = sum(outputs)
     steps = -(-tokens // in_flight)
     kv_reads = sum(n * (len(p) + n / 2) for p, n in zip(prompts, outputs, strict=True)) * kv_tok
     memory = (steps * weight_bytes + kv_reads) / bw
-    compute = 2 * n_read * (tokens + sum(len(p) for p in prompts)) / flops
+    compute = 2 * (n_read * tokens + n_prompt * sum(len(p) for p in prompts)) / flops
     return tokens / max(memory, compute)
 
 
@@ -337,6 +339,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {args.device!r}: allowed cpu, cuda")
     on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)  # the timers synchronise the current device
     model = args.model or ("0.5b" if on_gpu else "20m")
     sizes = _sizes(args.quick, args.repeats or (1 if on_gpu else 3))
     bw = _bandwidth(device)

@@ -4,16 +4,19 @@ engine's own steps, and on CUDA recorded as graphs against the eager steps and t
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import astrai.inference.cache.view as view_module
 from astrai.config import AutoRegressiveLMConfig
 from astrai.inference import Executor, InferenceEngine, KVCache, SamplingParams, Task, cuda_graphs
-from astrai.inference.cuda_graphs import StepGraphs, buckets, serves
+from astrai.inference.cuda_graphs import StepGraphs, _bucket, buckets, serves
 from astrai.model import AutoRegressiveLM
+from astrai.model.sdpa import grouped_attention
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -66,6 +69,7 @@ def test_static_steps_match_naive_recompute(model, tokenizer, naive_greedy, monk
     engine = _static_engine(
         model, tokenizer, max_batch_size=8, max_seq_len=64, page_size=4, num_pages=24, max_prefill_tokens=12
     )
+    graphs = engine.scheduler.executor.graphs
     try:
         handles = [engine.submit(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in zip(prompts, lengths)]
         outputs = [_tokens(handle) for handle in handles]
@@ -74,7 +78,7 @@ def test_static_steps_match_naive_recompute(model, tokenizer, naive_greedy, monk
         engine.shutdown()
     assert outputs == [naive_greedy(p, n) for p, n in zip(prompts, lengths)]
     assert stats["preemptions"] > 0 and stats["prefix_hit_tokens"] > 0
-    shapes = engine.scheduler.executor.graphs._steps.keys()
+    shapes = graphs._steps.keys()
     decodes = {(rows, pages) for rows, tokens, pages in shapes if tokens == 1}
     chunks = {pages for rows, tokens, pages in shapes if tokens == 12}
     assert len(decodes) >= 3 and len(chunks) >= 3, sorted(shapes)  # chunks: first and continued ones
@@ -131,21 +135,45 @@ def test_static_steps_refuse_bad_steps(model, tokenizer):
         StepGraphs(model, cache, max_batch=4, max_chunk=16, max_seq_len=16, capture=True)
 
 
-def test_a_step_that_cannot_be_recorded_falls_back_to_eager_decoding(model, tokenizer, naive_greedy, monkeypatch):
-    engine = _static_engine(model, tokenizer, max_seq_len=64, page_size=4)
-    executor = engine.scheduler.executor
+def test_a_shape_that_cannot_be_recorded_runs_eagerly(model, tokenizer, naive_greedy, monkeypatch, caplog):
+    """A failed recording (here: of the 2-row decode steps) leaves that shape to run eagerly, through a fresh step,
+    and every other shape recorded; the outputs stay the naive ones."""
+    recorded = []
 
-    def fail(*args):
-        raise cuda_graphs.CaptureError("an operation that cannot be captured")
+    def capture(step, pool, stream):
+        if (step.rows, step.tokens) == (2, 1):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        recorded.append((step.rows, step.tokens, step.pages))  # stands in for a graph: the step still runs eagerly
 
-    monkeypatch.setattr(executor.graphs, "decode", fail)
-    monkeypatch.setattr(executor.graphs, "prefill", fail)
+    monkeypatch.setattr(cuda_graphs._Step, "capture", capture)
+    engine = _static_engine(model, tokenizer, max_batch_size=4, max_seq_len=64, page_size=4)
+    graphs = engine.scheduler.executor.graphs
+    graphs.capture = True
     try:
-        outputs = engine.generate([[5, 6, 7], list(range(10, 30))], max_tokens=6, **GREEDY)
+        graphs.record_all()
+        prompts = [[5, 6, 7], list(range(10, 30))]
+        outputs = engine.generate(prompts, max_tokens=6, **GREEDY)
     finally:
         engine.shutdown()
-    assert outputs == [naive_greedy([5, 6, 7], 6), naive_greedy(list(range(10, 30)), 6)]
-    assert executor.graphs is None  # dropped at the first failure
+    assert outputs == [naive_greedy(p, 6) for p in prompts]
+    failed = {shape for shape in graphs._steps if shape[:2] == (2, 1)}
+    assert failed and failed.isdisjoint(recorded) and len(recorded) == len(graphs._steps) - len(failed)
+    assert "recording the step of 2 rows x 1 tokens" in caplog.text
+
+
+def test_refresh_records_again_only_after_a_weight_tensor_was_replaced(model, tokenizer):
+    model = copy.deepcopy(model)
+    cache = KVCache.from_config(model.config, num_pages=8, page_size=4)
+    graphs = StepGraphs(model, cache, max_batch=2, max_chunk=16, max_seq_len=16, capture=False)
+    graphs.record_all()
+    steps = dict(graphs._steps)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # in place: a graph reads the new values where the old ones were
+    graphs.refresh()
+    assert graphs._steps == steps
+    model.lm_head.weight.data = model.lm_head.weight.data.clone()  # a new tensor: the graphs read freed memory
+    graphs.refresh()
+    assert graphs._steps.keys() == steps.keys() and all(graphs._steps[k] is not steps[k] for k in steps)
 
 
 @pytest.mark.parametrize(
@@ -182,6 +210,106 @@ def test_qk_norm_gated_tied_model_through_static_steps(tokenizer, naive_greedy):
     finally:
         engine.shutdown()
     assert outputs == [naive_greedy(p, 10, model=model) for p in prompts]
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (14, 2), (6, 1)], ids=["mha", "gqa2", "gqa7", "mqa"])
+@pytest.mark.parametrize("queries", [1, 3, 8])
+def test_grouped_attention_matches_sdpa_for_many_queries(heads, queries):
+    """grouped_attention (T queries per row, grouped KV heads, (B, 1, T, S) mask) against SDPA over repeated KV
+    heads, in float64, with random masks in which every query sees at least one key, and without a mask."""
+    H, Hkv = heads
+    B, S, d = 3, 11, 8
+    gen = torch.Generator().manual_seed(H * 100 + Hkv * 10 + queries)
+    q = torch.randn(B, H, queries, d, dtype=torch.float64, generator=gen)
+    k = torch.randn(B, Hkv, S, d, dtype=torch.float64, generator=gen)
+    v = torch.randn(B, Hkv, S, 5, dtype=torch.float64, generator=gen)
+    mask = torch.rand(B, 1, queries, S, generator=gen) < 0.5
+    seen = torch.randint(S, (B, 1, queries, 1), generator=gen)
+    mask = mask | (torch.arange(S) == seen)  # every query sees >= 1 key
+    kr, vr = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    for m in (mask, None):
+        got = grouped_attention(q, k, v, m, 0.3)
+        expected = F.scaled_dot_product_attention(q, kr, vr, attn_mask=m, scale=0.3)
+        assert got.shape == expected.shape == (B, H, queries, 5)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # its softmax runs in float32
+
+
+@pytest.mark.parametrize(
+    "page_size, max_chunk, max_seq_len",
+    [(16, 512, 1024), (3, 48, 100), (5, 37, 61), (7, 12, 30), (6, 100, 40), (4, 1, 9), (16, 2048, 4096), (1, 20, 33)],
+)
+def test_record_all_covers_every_step_that_can_occur(model, page_size, max_chunk, max_seq_len):
+    """Every decode (1..max_batch rows, any positions) and every one-row prefill chunk (any start, 1..max_chunk
+    tokens, within max_seq_len) maps to a shape `record_all` records, so no request records a graph lazily."""
+    max_batch = 5
+    pages_per_seq = -(-max_seq_len // page_size)
+    cache = KVCache.from_config(model.config, num_pages=pages_per_seq, page_size=page_size)
+    graphs = StepGraphs(model, cache, max_batch, max_chunk, max_seq_len, capture=False)
+    graphs.record_all()
+    recorded = set(graphs._steps)
+    for rows, pages in itertools.product(range(1, max_batch + 1), range(1, pages_per_seq + 1)):
+        shape = (_bucket(rows, graphs.batch_buckets), 1, _bucket(pages, graphs.page_buckets))
+        assert shape in recorded, shape
+    for start in range(max_seq_len):
+        for n in range(1, min(max_chunk, max_seq_len - start) + 1):
+            pages = (start + n - 1) // page_size + 1
+            shape = (1, _bucket(n, graphs.chunk_buckets), _bucket(pages, graphs.page_buckets))
+            assert shape in recorded, (start, n, shape)
+
+
+def test_padding_writes_only_the_scratch_page(model, tokenizer):
+    """A decode of 3 rows in a bucket of 4 over 8 pages and a 5-token chunk in a bucket of 16: the cache changes
+    only at the real tokens' slots and on the scratch page."""
+    ps = 4
+    cache = KVCache.from_config(model.config, num_pages=40, page_size=ps)
+    executor = Executor(model, tokenizer, cache, static_steps=True, max_batch_size=4, max_chunk=32, max_seq_len=64)
+    graphs = executor.graphs
+    rng = random.Random(0)
+    tasks = []
+    for i, n in enumerate([3, 29, 10]):
+        task = Task(task_id=f"t{i}", prompt_ids=[rng.randrange(10, 400) for _ in range(n)], max_tokens=4)
+        assert cache.task_alloc(task.task_id, task.all_ids)
+        task.next_pos = 0
+        executor._forward([task], [task.all_ids[: n - 1]])
+        task.next_pos = n - 1
+        tasks.append(task)
+    storage = cache.storage
+    for step in ("decode", "prefill"):
+        before_k, before_v = storage.k_cache.clone(), storage.v_cache.clone()
+        if step == "decode":
+            executor.execute_decode(tasks)
+            written = [(t.task_id, t.next_pos) for t in tasks]
+        else:
+            task = Task(task_id="p", prompt_ids=[rng.randrange(10, 400) for _ in range(9)], max_tokens=4)
+            assert cache.task_alloc(task.task_id, task.all_ids)
+            graphs.prefill("p", task.all_ids[:5], 0)
+            written = [("p", p) for p in range(5)]
+        changed = ((storage.k_cache != before_k) | (storage.v_cache != before_v)).flatten(3).any(-1)  # (L, P+1, ps)
+        allowed = torch.zeros_like(changed)
+        allowed[:, storage.num_pages] = True
+        for task_id, pos in written:
+            allowed[:, cache.task_pages(task_id)[pos // ps], pos % ps] = True
+        assert not (changed & ~allowed).any(), (changed & ~allowed).nonzero()
+
+
+def test_hidden_non_finite_cache_entries_stay_hidden(model, tokenizer):
+    """A stale NaN in a slot past a row's position (left there by an earlier task of the same page: a freed page
+    is reused as it is) must not reach the row's logits: the engine's own step (the paged attention kernel)
+    keeps it out ("a hidden value adds exactly nothing, even an infinite or NaN one"); the fixed-shape step
+    zeroes the values past the row's end (a zero probability times NaN would be NaN)."""
+    ps = 4
+    cache = KVCache.from_config(model.config, num_pages=16, page_size=ps)
+    executor = Executor(model, tokenizer, cache, static_steps=True, max_batch_size=2, max_chunk=16, max_seq_len=32)
+    task = Task(task_id="t", prompt_ids=list(range(20, 26)), max_tokens=4)  # positions 0-5: pages 0 and 1
+    assert cache.task_alloc(task.task_id, task.all_ids)
+    executor._forward([task], [task.all_ids[:5]])
+    task.next_pos = 5
+    last_page = cache.task_pages("t")[1]
+    cache.storage.v_cache[:, last_page, 3] = float("nan")  # position 7: after the row's, never attended
+    reference = executor._forward([task], [[task.all_ids[5]]])
+    assert reference.isfinite().all()
+    static = executor.execute_decode([task])
+    assert static.isfinite().all(), "a masked stale NaN leaked into the fixed-shape step's logits"
 
 
 @pytest.mark.gpu

@@ -16,12 +16,20 @@ one int64 tensor on the device, refilled by one host-to-device copy before each 
 through a `StaticStepView` (packed). Padding writes to the cache's scratch page; its logits are never read.
 
 An engine records every bucket's graph when it starts (`record_all`; tens of milliseconds each, into one shared
-memory pool). With `capture=False` the same fixed-shape steps run eagerly: what the CPU tests check against the
-engine's other paths, and the GPU tests against the replayed graphs.
+memory pool). A shape whose recording fails (an operation that cannot be captured, no memory left) runs eagerly
+at the same fixed shape. With `capture=False` every step runs so: what the CPU tests check against the engine's
+other paths, and the GPU tests against the replayed graphs.
+
+A graph reads the weights at the addresses they had when it was recorded: updates in place (`copy_`, an
+optimizer step) are seen, replaced tensors (`load_state_dict(assign=True)`, `param.data = ...`, `.to()`) are not
+until `refresh()` (the engine calls it from `reset_prefix_cache()`) records the graphs again. Forward hooks
+added after the recording are not part of it.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -32,10 +40,7 @@ from astrai.inference.cache.view import StaticStepView
 
 MIN_CHUNK = 16  # the smallest prefill chunk bucket
 
-
-class CaptureError(RuntimeError):
-    """Recording a step as a CUDA graph failed (an operation that cannot be captured); the caller runs its steps
-    eagerly instead."""
+logger = logging.getLogger(__name__)
 
 
 def serves(model: nn.Module, page_cache: KVCache) -> bool:
@@ -108,28 +113,34 @@ class _Step:
             out = self.model(input_ids=ids[None], position_ids=positions[None], logits_index=last, paged_cache=view)
         return out["logits"]
 
-    def capture(self, pool) -> None:
-        """Record the step (its inputs are padding now: the warm-up run writes only the scratch page).
+    def capture(self, pool, stream: torch.cuda.Stream) -> None:
+        """Record the step on `stream` (its inputs are padding now: the warm-up run writes only the scratch page).
 
         As `torch.cuda.graph` does, but without its `gc.collect()` per graph (in some torch versions; a tenth of
         a second each with a large Python heap, and an engine records dozens)."""
         device = self.inputs.device
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        stream.wait_stream(torch.cuda.current_stream(device))
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(side):
+        with torch.cuda.device(device), torch.cuda.stream(stream):
             self.forward()  # warm-up: lazy initialisations happen outside the capture
             torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()  # the warm-up's blocks: a capture cannot take cached blocks back
             graph.capture_begin(pool, capture_error_mode="thread_local")
             try:
-                self.logits = self.forward()
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = graph
+                logits = self.forward()
+            except BaseException:
+                try:
+                    graph.capture_end()
+                except RuntimeError:  # the capture is invalid anyway; report what broke it
+                    pass
+                raise
+            graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph, self.logits = graph, logits
 
     def run(self, chunks: Sequence[tuple[list[int], int, list[int]]]) -> torch.Tensor:
-        """(len(chunks), V) logits of each row's last token, valid until this step runs again."""
+        """(len(chunks), V) logits of each row's last token, valid until the next step of any shape (graphs share
+        one memory pool; run eagerly, the next run of this step overwrites them)."""
         self.inputs.copy_(torch.tensor(self.values(chunks), dtype=torch.int64))
         if self.graph is not None:
             self.graph.replay()
@@ -167,10 +178,12 @@ class StepGraphs:
         self.page_buckets = buckets(-(-max_seq_len // page_cache.page_size))
         self._steps: dict[tuple[int, int, int], _Step] = {}  # (rows, tokens, pages) -> step
         self._pool = torch.cuda.graph_pool_handle() if capture else None
+        self._stream = torch.cuda.Stream(device=page_cache.storage.device) if capture else None
+        self._weights = self._weight_addresses()  # what the graphs read
 
     def record_all(self) -> None:
         """Record every bucket's graph now (largest first, so that the smaller ones reuse its memory), so that no
-        request waits for one; raises CaptureError. Chunks are recorded only over the page counts that can hold
+        request waits for one. Chunks are recorded only over the page counts that can hold
         them (a chunk of T tokens spans more than T / 2 positions)."""
         ps, smallest = self.page_cache.page_size, self.chunk_buckets[0]
         shapes = [(rows, 1) for rows in self.batch_buckets]
@@ -180,6 +193,21 @@ class StepGraphs:
                 if tokens <= smallest or pages * ps > tokens // 2:
                     self._step(rows, tokens, pages)
 
+    def refresh(self) -> None:
+        """Record the graphs again if a weight tensor was replaced since they were recorded (see the module doc)."""
+        weights = self._weight_addresses()
+        if weights == self._weights:
+            return
+        recorded = list(self._steps)
+        self._steps.clear()
+        self._weights = weights
+        for shape in recorded:
+            self._step(*shape)
+
+    def _weight_addresses(self) -> list[tuple[int, torch.dtype, torch.Size]]:
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        return [(t.data_ptr(), t.dtype, t.shape) for t in tensors]
+
     @property
     def recorded(self) -> int:
         """Graphs recorded so far."""
@@ -187,7 +215,7 @@ class StepGraphs:
 
     def decode(self, task_ids: Sequence[str], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """Decode `tokens[b]` at `positions[b]` of task `task_ids[b]` (whose pages cover that position);
-        (rows, V) logits, valid until the next step of the same shape."""
+        (rows, V) logits, valid until the next step."""
         if not task_ids:
             raise ValueError("a decode step needs at least one row")
         chunks = [self._row(t, [token], pos) for t, token, pos in zip(task_ids, tokens, positions, strict=True)]
@@ -196,7 +224,7 @@ class StepGraphs:
 
     def prefill(self, task_id: str, tokens: Sequence[int], start: int) -> torch.Tensor:
         """Feed `tokens` from position `start` of task `task_id` (whose pages cover them); (1, V) logits of the
-        last, valid until the next step of the same shape."""
+        last, valid until the next step."""
         if not tokens:
             raise ValueError("a prefill chunk needs at least one token")
         chunk = self._row(task_id, list(tokens), start)
@@ -217,11 +245,11 @@ class StepGraphs:
             step = _Step(self.model, self.page_cache, rows, tokens, pages)
             if self.capture:
                 try:
-                    with torch.cuda.device(step.inputs.device):
-                        step.capture(self._pool)
-                except Exception as exc:
+                    step.capture(self._pool, self._stream)
+                except Exception:  # this shape runs eagerly (a fresh step: nothing of the failed capture)
                     shape = f"{rows} rows x {tokens} tokens x {pages} pages"
-                    raise CaptureError(f"recording the step of {shape}: {exc}") from exc
+                    logger.warning("recording the step of %s failed; it runs without a graph", shape, exc_info=True)
+                    step = _Step(self.model, self.page_cache, rows, tokens, pages)
             self._steps[(rows, tokens, pages)] = step
         return step
 

@@ -23,7 +23,6 @@ replayed, or run eagerly elsewhere (the reference the tests use).
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -35,8 +34,6 @@ from astrai.inference.sampling import GREEDY_TEMPERATURE, SamplingPipeline
 from astrai.inference.task import Task
 from astrai.model import pack_linear_weights
 from astrai.model.native import fused
-
-logger = logging.getLogger(__name__)
 
 
 class Executor:
@@ -72,16 +69,20 @@ class Executor:
             capture = self.device.type == "cuda"
             self.graphs = cuda_graphs.StepGraphs(model, page_cache, max_batch_size, max_chunk, seq_len, capture)
             if capture:
-                try:
-                    self.graphs.record_all()  # at start, as the kernels are built: no request waits
-                except cuda_graphs.CaptureError:
-                    self._drop_graphs()
+                self.graphs.record_all()  # at start, as the kernels are built: no request waits
 
     def close(self) -> None:
-        """Drop the packed weight copies (if any)."""
+        """Drop the packed weight copies and the recorded graphs (if any)."""
         if self.packed_layers:
             pack_linear_weights(self.model, enable=False)
             self.packed_layers = 0
+        self.graphs = None
+
+    def weights_updated(self) -> None:
+        """The model's weights changed (`InferenceEngine.reset_prefix_cache`): graphs that read weight tensors
+        since replaced (not updated in place) are recorded again."""
+        if self.graphs is not None:
+            self.graphs.refresh()
 
     def execute_prefill(self, tasks: Sequence[Task], num_tokens: Sequence[int]) -> torch.Tensor:
         """Feed `num_tokens[b]` tokens of each task's sequence from `task.next_pos` (a decoding task feeds its
@@ -89,23 +90,18 @@ class Executor:
         chunks = [t.all_ids[t.next_pos : t.next_pos + n] for t, n in zip(tasks, num_tokens, strict=True)]
         graphs = self.graphs
         if graphs is not None and max(num_tokens) <= graphs.chunk_buckets[-1]:
-            try:  # one step per row; each row's logits copied before a step of the same shape overwrites them
-                if len(tasks) == 1:
-                    return graphs.prefill(tasks[0].task_id, chunks[0], tasks[0].next_pos)
-                pairs = zip(tasks, chunks, strict=True)
-                return torch.cat([graphs.prefill(t.task_id, chunk, t.next_pos).clone() for t, chunk in pairs])
-            except cuda_graphs.CaptureError:
-                self._drop_graphs()
+            if len(tasks) == 1:
+                return graphs.prefill(tasks[0].task_id, chunks[0], tasks[0].next_pos)
+            # One step per row, each row's logits copied before the next step can overwrite them.
+            pairs = zip(tasks, chunks, strict=True)
+            return torch.cat([graphs.prefill(t.task_id, chunk, t.next_pos).clone() for t, chunk in pairs])
         return self._forward(tasks, chunks)
 
     def execute_decode(self, tasks: Sequence[Task]) -> torch.Tensor:
         """Feed each task's last sampled token at its next position; (B, V) logits."""
         tokens = [t.all_ids[t.next_pos] for t in tasks]
         if self.graphs is not None:
-            try:
-                return self.graphs.decode([t.task_id for t in tasks], tokens, [t.next_pos for t in tasks])
-            except cuda_graphs.CaptureError:
-                self._drop_graphs()
+            return self.graphs.decode([t.task_id for t in tasks], tokens, [t.next_pos for t in tasks])
         return self._forward(tasks, [[token] for token in tokens])
 
     def sample(self, tasks: Sequence[Task], logits: torch.Tensor) -> list[int]:
@@ -115,11 +111,6 @@ class Executor:
         else:
             tokens = SamplingPipeline.for_tasks(tasks, logits.device).sample(logits)
         return tokens.tolist()
-
-    def _drop_graphs(self) -> None:
-        """Run steps without graphs from now on (called while handling a CaptureError)."""
-        logger.warning("steps run without CUDA graphs", exc_info=True)
-        self.graphs = None
 
     def _forward(self, tasks: Sequence[Task], chunks: list[list[int]]) -> torch.Tensor:
         lens = [len(c) for c in chunks]

@@ -238,6 +238,7 @@ class InferenceScheduler:
         if self._reset_prefix.is_set():
             self._reset_prefix.clear()
             self._page_cache.reset_prefix_cache()
+            self._executor.weights_updated()
         for task, output in self._task_mgr.drain_inbox():
             self._outputs[task.task_id] = output
         for task in self._task_mgr.get_active_tasks() + self._task_mgr.get_waiting_tasks():

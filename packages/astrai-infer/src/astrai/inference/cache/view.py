@@ -183,8 +183,8 @@ class StaticStepView:
     caller refills the tensors in place. A decode step is T = 1; a prefill chunk of one row is R = 1.
 
     Token t of row r (flat index r * T + t) writes its entry at `slots[r * T + t]` and attends over the positions
-    `j <= positions[r, t]` of the pages `page_table[r]` (R, P): all P pages are gathered, the rest masked.
-    `seq_lens[r]` is one past the row's last position. Padding (rows, or tokens past a row's chunk) writes to `storage.scratch_slot`; a padding
+    `j <= positions[r, t]` of the pages `page_table[r]` (R, P): all P pages are gathered, the rest masked, and
+    values from `seq_lens[r]` (one past the row's last position) on are zeroed (stale entries may be non-finite). Padding (rows, or tokens past a row's chunk) writes to `storage.scratch_slot`; a padding
     token repeats its row's last position and a padding row reads scratch pages (`storage.num_pages`) with
     length 1. Needs per-head entries, equal for k and v (GQA's layout)."""
 
@@ -206,6 +206,7 @@ class StaticStepView:
         self._seq_lens = seq_lens  # (R,) int64
         self._positions = positions  # (R, T) int64
         self._mask: torch.Tensor | None = None  # (R, 1, T, P * page_size), made by the first attend
+        self._stale: torch.Tensor | None = None  # (R, 1, P * page_size, 1): slots past each row's end
 
     @property
     def seq_lens(self) -> torch.Tensor:
@@ -226,10 +227,13 @@ class StaticStepView:
         if self._mask is None:
             keys = torch.arange(width, device=self._positions.device)
             self._mask = (keys <= self._positions[:, :, None])[:, None]  # (R, 1, T, S); the row ends at its last
+            self._stale = (keys >= self._seq_lens[:, None])[:, None, :, None]
         keys, values = (
             cache[layer_id][self._page_table].view(rows, width, *storage.k_shape).transpose(1, 2)
             for cache in (storage.k_cache, storage.v_cache)
         )  # (R, Hkv, S, d) each
+        # A masked key's weight is 0, but 0 * inf is NaN: a freed page's old entries, never attended, add nothing.
+        values = values.masked_fill(self._stale, 0)
         q = q.view(rows, tokens, *q.shape[1:]).transpose(1, 2)  # (R, H, T, d)
         out = grouped_attention(q, keys, values, self._mask, scale)  # (R, H, T, d)
         return out.transpose(1, 2).contiguous().view(rows * tokens, out.shape[1], out.shape[3])
