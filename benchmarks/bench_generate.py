@@ -229,8 +229,9 @@ def _run_dtype(folder: Path, name: str, sizes: dict[str, int], device: torch.dev
     peers["ttft"] = min(_timed(partial(_hf_generate, hf, [prefix + first], 1)) for prefix, first, _ in work.ttft[-1])
     rows = []
     for (label, graphs), ttft in zip(variants, work.ttft, strict=False):
-        rows += _measure_ours(setup, f"{name}{label}", graphs, sizes, work, ttft, peers)
-        _print_rows(rows[-6:])  # as they come: a long run shows its figures before it ends
+        ours = _measure_ours(setup, f"{name}{label}", graphs, sizes, work, ttft, peers)
+        _print_rows(ours)  # as they come: a long run shows its figures before it ends
+        rows += ours
     return rows
 
 

@@ -183,8 +183,8 @@ class StepGraphs:
 
     def record_all(self) -> None:
         """Record every bucket's graph now (largest first, so that the smaller ones reuse its memory), so that no
-        request waits for one. Chunks are recorded only over the page counts that can hold
-        them (a chunk of T tokens spans more than T / 2 positions)."""
+        request waits for one. Chunks are recorded only over the page counts that can hold them (a chunk in a
+        bucket of T tokens, but the smallest, brings more than T / 2)."""
         ps, smallest = self.page_cache.page_size, self.chunk_buckets[0]
         shapes = [(rows, 1) for rows in self.batch_buckets]
         shapes += [(1, tokens) for tokens in self.chunk_buckets if tokens > 1]

@@ -19,10 +19,10 @@ A step, repeated while there is work (the thread sleeps on a condition otherwise
    does not take, no C compiler, `ASTRAI_NATIVE_KERNELS=0`) the prefill chunks run first, sharing a forward
    only while right-padding them to the longest wastes at most a quarter of its tokens (on a CPU prefill is
    compute-bound, so padding is pure loss; a lone long chunk runs alone), then one forward for all decodes
-   (one token per row, each row at its own position). On CUDA each of these steps is a replayed graph
-   (`astrai.inference.cuda_graphs`), a prefill one per chunk.
-   A task whose sequence is now fully in the cache samples its next token from the logits of its last token,
-   so the first generated token comes from the prefill itself (defect 1 of the original).
+   (one token per row, each row at its own position). On CUDA each of these steps replays a recorded graph
+   (`astrai.inference.cuda_graphs`; a prefill forward one per chunk). A task whose sequence is now fully in the
+   cache samples its next token from the logits of its last token, so the first generated token comes from the
+   prefill itself (defect 1 of the original).
 5. **Emit**: each sampled token is checked against the task's stop tokens, `max_tokens` and stop strings and
    streamed as text; finished tasks free their pages (their full pages stay in the prefix cache).
 
@@ -54,8 +54,6 @@ from astrai.inference.task_manager import TaskManager
 logger = logging.getLogger(__name__)
 
 _MAX_PADDING = 0.25  # prefill chunks share a forward while padding stays below this share of its tokens
-
-
 _PREFILL_TOKENS_CPU = 512  # default prompt tokens per step: prefill is compute-bound there, decodes wait on it
 _PREFILL_TOKENS_GPU = 2048
 
