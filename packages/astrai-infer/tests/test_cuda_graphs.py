@@ -49,6 +49,12 @@ def _requests(seed: int, count: int) -> tuple[list[list[int]], list[int]]:
     return prompts, [rng.randrange(1, 21) for _ in prompts]
 
 
+def test_a_cpu_engine_keeps_its_own_steps(make_engine):
+    """Graphs are a CUDA matter: on the CPU the engine takes its packed steps, with the CPU's prefill budget."""
+    engine = make_engine(max_seq_len=64)
+    assert engine.scheduler.executor.graphs is None and engine.scheduler.max_prefill_tokens == 512
+
+
 def test_buckets_double_up_to_the_limit():
     assert buckets(1) == [1]
     assert buckets(16) == [1, 2, 4, 8, 16]
