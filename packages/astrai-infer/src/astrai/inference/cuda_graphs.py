@@ -46,11 +46,9 @@ logger = logging.getLogger(__name__)
 def serves(model: nn.Module, page_cache: KVCache) -> bool:
     """Whether steps of `model` over `page_cache` can run at fixed shape: GQA cache entries and dense
     feed-forward layers (mixture-of-experts routing sizes its work from the data)."""
-    storage = page_cache.storage
     config = getattr(model, "config", None)
     return (
-        len(storage.k_shape) == 2
-        and storage.k_shape == storage.v_shape
+        page_cache.storage.per_head
         and getattr(config, "ffn_type", "mlp") == "mlp"
         and getattr(config, "attn_type", "gqa") == "gqa"
     )

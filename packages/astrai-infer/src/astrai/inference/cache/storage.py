@@ -70,6 +70,11 @@ class Storage:
         return self.k_cache.device
 
     @property
+    def per_head(self) -> bool:
+        """Whether entries are per-head keys and values of one shape, `(heads, dim)` (GQA's layout, not MLA's)."""
+        return len(self.k_shape) == 2 and self.k_shape == self.v_shape
+
+    @property
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers (for sizing the page budget)."""
         return (math.prod(self.k_shape) + math.prod(self.v_shape)) * self.k_cache.element_size() * self.num_layers

@@ -36,7 +36,7 @@ from astrai.model.sdpa import grouped_attention
 def in_place_supported(storage: Storage) -> bool:
     """Whether `attend` can read this storage in place: per-head entries, equal for k and v (GQA's layout),
     in a dtype, head size and device the kernel serves."""
-    return len(storage.k_shape) == 2 and storage.k_shape == storage.v_shape and supports_cache(storage.k_cache)
+    return storage.per_head and supports_cache(storage.k_cache)
 
 
 class KvcacheView:
@@ -198,7 +198,7 @@ class StaticStepView:
         seq_lens: torch.Tensor,
         positions: torch.Tensor,
     ):
-        if not (len(storage.k_shape) == 2 and storage.k_shape == storage.v_shape):
+        if not storage.per_head:
             raise ValueError(f"a static step needs GQA cache entries; got {storage.k_shape}, {storage.v_shape}")
         self._storage = storage
         self._slots = slots  # (R * T,) int64
