@@ -179,6 +179,22 @@ def test_matmul_equals_the_float64_product(dtype, M, K, N, threads):
             assert ((got.double() - expected).abs() <= 2**-8 * expected.abs() + 2**-20 * scale * K**0.5).all()
 
 
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES)
+@pytest.mark.parametrize("M", [1, 13, 17, 300])
+@pytest.mark.parametrize("in_place", [False, True], ids=["new", "in-place"])
+def test_matmul_adds_a_residual_as_torch_rounds_it(dtype, M, in_place):
+    """`linear_into(..., residual)` is `residual + linear(...)` bit for bit: the product rounded to the dtype
+    first, then the sum (the decoder layer's residual connection), into `out` or into the residual itself."""
+    gen = torch.Generator().manual_seed(M)
+    x, weight, bias = (torch.randn(shape, generator=gen).to(dtype) for shape in ((M, 384), (640, 384), (640,)))
+    residual = (100 * torch.randn(M, 640, generator=gen)).to(dtype)  # large: the product's rounding shows
+    packed = matmul.pack(weight)
+    expected = residual + matmul.linear(x, packed, bias)
+    out = residual.clone() if in_place else torch.full_like(residual, float("nan"))
+    matmul.linear_into(x, packed, bias, out, out if in_place else residual)
+    assert torch.equal(out, expected)
+
+
 def test_matmul_serves_blocks_of_16_outputs_only():
     weight = torch.randn(32, 8)
     assert matmul.pack(torch.randn(33, 8)) is None and matmul.pack(weight.to("meta")) is None
@@ -209,8 +225,8 @@ def test_matmul_built_without_the_bfloat16_dot_product_refuses_bfloat16(tmp_path
     y = torch.empty(2, 16, dtype=torch.bfloat16)
     scratch = torch.empty(16 * 4, dtype=torch.int32)
     status = lib.linear(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(2), ctypes.c_int64(8),
-                        ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(16), None, ctypes.c_void_p(y.data_ptr()),
-                        ctypes.c_void_p(scratch.data_ptr()), 1, 1)  # fmt: skip
+                        ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(16), None, None,
+                        ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(scratch.data_ptr()), 1, 1)  # fmt: skip
     assert status == -1
 
 

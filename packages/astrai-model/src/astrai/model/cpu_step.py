@@ -5,12 +5,17 @@ serves the arguments and whether each packed weight is still current. In a small
 Python is a good part of the time around the matrix products. In a packed step (`KVCacheView.packed`) under
 `torch.inference_mode()` on the CPU the answers are the same for every layer, so `run_layers` checks them once
 per step and then runs each layer as its bare sequence of calls: the fused RMSNorm, one packed q/k/v product,
-the fused rotary embedding, the cache's write and attend, the output projection and residual, the second
-RMSNorm, one packed gate/up product, the fused SwiGLU, the down projection and residual. These are the calls
-the module path makes, in the same order on the same values, so the result is bit for bit the module path's
-(its reference in the tests). With the benchmark's 20M model, interleaved A/B runs on a busy machine gave
-5.5 -> 4.9 ms for a bfloat16 batch-1 step, 8.1 -> 7.5 ms for 16 bfloat16 sequences and 11.4 -> 11.0 ms for 16
-float32 sequences.
+the fused rotary embedding, the cache's write and attend, the output projection with the residual added in the
+same kernel call, the second RMSNorm, one packed gate/up product, the fused SwiGLU, the down projection with its
+residual. Every intermediate goes into tensors made once per step (`_Buffers`), and the residual stream is
+updated in place. These are the computations the module path makes, in the same order on the same values,
+rounded at the same points, so the result is bit for bit the module path's (its reference in the tests).
+
+With the benchmark's 20M model on a 2-core Zen 4: against the module path, interleaved A/B runs on a busy
+machine gave 5.5 -> 4.9 ms for a bfloat16 batch-1 step, 8.1 -> 7.5 ms for 16 bfloat16 sequences and
+11.4 -> 11.0 ms for 16 float32 sequences. The buffers and fused residuals, with the products' deeper prefetch
+and the attention's bfloat16 dot products, then took the layers of a 13-sequence bfloat16 step from 3.9-4.2 to
+3.1-3.2 ms; the kernels alone, called with no Python between them, take 2.2-2.9 ms.
 
 It serves GQA attention without q/k norm or gating and with rotary over the whole head, the SwiGLU MLP (each
 module exactly its class, with no forward hooks: a LoRA adapter's hook keeps the module path), in float32
@@ -30,7 +35,7 @@ from astrai.model.attention import GQA
 from astrai.model.decoder_block import DecoderBlock
 from astrai.model.linear import _SPLIT_ROWS, Linear, packed_group, packed_linear, plain_module
 from astrai.model.mlp import MLP
-from astrai.model.native import fused
+from astrai.model.native import fused, matmul
 from astrai.model.norm import RMSNorm
 from astrai.protocols import KVCacheView
 
@@ -51,9 +56,12 @@ def run_layers(
         if plan is None:
             return None
         plans.append(plan)
+    stream = torch.empty_like(x)  # the residual stream, each layer adding to it in place
+    buffers = _Buffers(x.shape[1], x.dtype)
     for plan in plans:
-        x = _layer(plan, x, cos, sin, paged_cache)
-    return x
+        _layer(plan, x, stream, cos, sin, paged_cache, buffers)
+        x = stream
+    return stream
 
 
 class _Plan(NamedTuple):
@@ -102,6 +110,9 @@ def _plan(block: nn.Module, x: Tensor, cos: Tensor) -> _Plan | None:
         return None
     if not (o._pack and down._pack and o._parameters["weight"].dtype == down._parameters["weight"].dtype == x.dtype):
         return None
+    biases = (qkv[1], gate_up[1], o._parameters["bias"], down._parameters["bias"])
+    if any(b is not None and not b.is_contiguous() for b in biases):
+        return None
     o_weight, down_weight = o._packed_weight(), down._packed_weight()
     if o_weight is None or down_weight is None:  # (`is`: `in` would compare tensors elementwise)
         return None
@@ -116,32 +127,57 @@ def _plan(block: nn.Module, x: Tensor, cos: Tensor) -> _Plan | None:
     )
 
 
-def _layer(plan: _Plan, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheView) -> Tensor:
-    """The block's forward, `block(x, (cos, sin), None, cache)`, as bare calls (the module doc)."""
+class _Buffers:
+    """The step's intermediate tensors, (rows, width) in the step's dtype: made by the first layer that asks,
+    reused by the others."""
+
+    def __init__(self, rows: int, dtype: torch.dtype) -> None:
+        self._rows, self._dtype, self._made = rows, dtype, {}
+
+    def get(self, name: str, width: int) -> Tensor:
+        made = self._made.get(name)
+        if made is None or made.shape[1] != width:
+            made = self._made[name] = torch.empty(self._rows, width, dtype=self._dtype)
+        return made
+
+
+def _layer(plan: _Plan, x: Tensor, stream: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheView, buffers: _Buffers):
+    """The block's forward, `block(x, (cos, sin), None, cache)`, as bare calls (the module doc), into `stream`
+    (x's shape; x itself or a tensor to overwrite)."""
     _, N, dim = x.shape
     H, Hkv, hd = plan.heads
     norm1, eps1, norm2, eps2 = plan.norms
-    h = torch.empty_like(x)
+    h = buffers.get("normed", dim)
     fused.rms_norm_into(x, dim, norm1, eps1, h)
-    qkv = _linear(h, *plan.qkv[:2])  # (1, N, (H + 2 Hkv) hd)
-    q, k, v = qkv.split_with_sizes(plan.qkv[2], -1)
+    qkv_weight, qkv_bias, widths = plan.qkv
+    qkv = buffers.get("qkv", sum(widths))
+    _project(h, (qkv_weight, qkv_bias), qkv)
+    q, k, v = qkv.view(1, N, -1).split_with_sizes(widths, -1)
     q, k, v = q.view(1, N, H, hd), k.view(1, N, Hkv, hd), v.view(1, N, Hkv, hd)
-    q_rot, k_rot = torch.empty(q.shape, dtype=x.dtype), torch.empty(k.shape, dtype=x.dtype)
+    q_rot, k_rot = buffers.get("q", H * hd).view(q.shape), buffers.get("k", Hkv * hd).view(k.shape)
     fused.rotary_into(q, qkv.shape[-1], k, qkv.shape[-1], cos, sin, q_rot, k_rot)
     cache.write(plan.layer_id, k_rot, v)
     out = cache.attend(plan.layer_id, q_rot[0], k_rot[0], v[0], hd**-0.5)  # (N, H, hd)
     if out is None:
         raise RuntimeError("a packed KV-cache view returned no attention (KVCacheView.attend)")
-    x = x + _linear(out.view(1, N, H * hd), *plan.o)
-    fused.rms_norm_into(x, dim, norm2, eps2, h)
-    gate_up = _linear(h, *plan.gate_up[:2])
-    gate, up = gate_up.split_with_sizes(plan.gate_up[2], -1)
-    hidden = torch.empty(gate.shape, dtype=x.dtype)
+    residual = stream.view(N, dim)
+    _project(out.reshape(N, H * hd).contiguous(), plan.o, residual, x.view(N, dim))
+    fused.rms_norm_into(residual, dim, norm2, eps2, h)
+    gate_up_weight, gate_up_bias, widths = plan.gate_up
+    gate_up = buffers.get("gate_up", sum(widths))
+    _project(h, (gate_up_weight, gate_up_bias), gate_up)
+    gate, up = gate_up.split_with_sizes(widths, -1)
+    hidden = buffers.get("hidden", gate.shape[-1])
     fused.silu_mul_into(gate, up, gate_up.shape[-1], hidden)
-    return x + _linear(hidden, *plan.down)
+    _project(hidden, plan.down, residual, residual)
 
 
-def _linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-    """x (1, N, in) through a packed weight -> (1, N, out)."""
-    y = packed_linear(x.view(x.shape[1], x.shape[2]), packed, bias)
-    return y.view(1, *y.shape)
+def _project(x: Tensor, weight: tuple[Tensor, Tensor | None], out: Tensor, residual: Tensor | None = None) -> None:
+    """out = x (M, in) through a packed weight and bias (`packed_group`'s or `Linear._packed_weight`'s), plus
+    `residual` (M, out) when given (which may be `out`), rounded as `residual + linear(x)` rounds."""
+    packed, bias = weight
+    if packed.is_mkldnn:
+        y = packed_linear(x, packed, bias)
+        torch.add(residual, y, out=out) if residual is not None else out.copy_(y)
+    else:
+        matmul.linear_into(x, packed, bias, out, residual)

@@ -9,7 +9,9 @@
  *
  * paged_decode_attention: one query token per row (a decode). A work item is one row (or, with fewer rows than
  * threads, a group of its KV heads):
- *   pass 1: scores[h][t] = scale * q[b, h] . k[t, h / n_rep]
+ *   pass 1: scores[h][t] = scale * q[b, h] . k[t, h / n_rep] (bfloat16 on CPUs with AVX512-BF16: `vdpbf16ps` on
+ *           pairs of elements as stored, exact products summed in float32; a 13-row step of the 20M benchmark
+ *           model, 8 layers: 1.09 -> 0.99 ms with the cache in memory, 0.140 -> 0.115 ms per layer in cache)
  *   softmax over t in float32 (max-subtracted)
  *   pass 2: out[b, h] = sum_t probs[h][t] * v[t, h / n_rep]
  * Every key and value row is read from memory once, for all the query heads that share it.
@@ -19,6 +21,9 @@
  * one per SIMD lane; the keys go by in blocks of 16 with an online softmax (flash attention), so each key and
  * value is read once per 16 queries and every multiply-add does 16 queries' work.
  */
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdlib.h>
 
@@ -110,9 +115,20 @@ static inline __attribute__((always_inline)) void attend_heads(
     int64_t row_bytes = dim * (is_bf16 ? 2 : 4), first_kv = h0 / n_rep;
     int64_t span = ((h1 - 1) / n_rep - first_kv + 1) * row_bytes; /* one token's rows of the KV heads read */
     const char *k_first = (const char *)k + first_kv * row_bytes;
-    vf acc[MAX_HEADS][MAX_CHUNKS], query[MAX_HEADS][MAX_CHUNKS]; /* the queries scaled, in float32 */
     int64_t last_kv = (h0 + n_q - 1) / n_rep;
-    for (int64_t h = 0; h < n_q; h++)
+    /* bfloat16 with an even number of chunks: each dot product by `vdpbf16ps` on the queries as stored, a pair of
+     * elements at a time (exact products, float32 sums), the scale applied to the sums. Otherwise the queries
+     * scaled in float32 times the keys widened. */
+    vf acc[MAX_HEADS][MAX_CHUNKS], query[MAX_HEADS][MAX_CHUNKS];
+    int pairs = 0;
+#ifdef __AVX512BF16__
+    __m512bh query_pairs[MAX_HEADS][MAX_CHUNKS / 2];
+    pairs = is_bf16 && chunks % 2 == 0;
+    for (int64_t h = 0; pairs && h < n_q; h++)
+        for (int64_t c = 0; c < chunks / 2; c++)
+            query_pairs[h][c] = (__m512bh)_mm512_loadu_si512(element(q, (q_row + h0 + h) * dim + c * 2 * LANES, 1));
+#endif
+    for (int64_t h = 0; !pairs && h < n_q; h++)
         for (int64_t c = 0; c < chunks; c++)
             query[h][c] = load16(element(q, (q_row + h0 + h) * dim + c * LANES, is_bf16), is_bf16) * scale;
     for (int64_t t0 = 0; t0 < len; t0 += LANES) { /* pass 1: scores[h][t] = scale * q_h . k_t */
@@ -123,6 +139,21 @@ static inline __attribute__((always_inline)) void attend_heads(
             for (int64_t g = first_kv; g <= last_kv; g++) { /* each key row once, for every query head reading it */
                 int64_t lo, hi;
                 group_heads(g, h0, n_q, n_rep, &lo, &hi);
+#ifdef __AVX512BF16__
+                if (pairs) {
+                    __m512bh key[MAX_CHUNKS / 2];
+                    for (int64_t c = 0; c < chunks / 2; c++) {
+                        const void *at = element(k, (rows[t0 + i] + g) * dim + c * 2 * LANES, 1);
+                        key[c] = (__m512bh)(i < n ? _mm512_loadu_si512(at) : _mm512_setzero_si512());
+                    }
+                    for (int64_t h = lo; h < hi; h++) {
+                        __m512 dot = _mm512_setzero_ps();
+                        for (int64_t c = 0; c < chunks / 2; c++) dot = _mm512_dpbf16_ps(dot, query_pairs[h][c], key[c]);
+                        memcpy(&dots[h][i], &dot, sizeof dot);
+                    }
+                    continue;
+                }
+#endif
                 vf key[MAX_CHUNKS];
                 for (int64_t c = 0; c < chunks; c++)
                     key[c] = i < n ? load16(element(k, (rows[t0 + i] + g) * dim + c * LANES, is_bf16), is_bf16)
@@ -136,6 +167,7 @@ static inline __attribute__((always_inline)) void attend_heads(
         }
         for (int64_t h = 0; h < n_q; h++) {
             vf block = sum16x16(dots[h]);
+            if (pairs) block *= scale;
             memcpy(scores + h * stride + t0, &block, sizeof block);
         }
     }

@@ -62,18 +62,26 @@ def linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
         if bias.shape != (N,) or bias.dtype != dtype or not bias.is_cpu:
             raise ValueError(f"bias {bias.dtype} {tuple(bias.shape)}: need {dtype} ({N},) on the CPU")
         bias = bias.contiguous()
-    x = x.contiguous()
+    y = torch.empty(x.shape[0], N, dtype=dtype)
+    linear_into(x.contiguous(), packed, bias, y)
+    return y
+
+
+def linear_into(x: Tensor, packed: Tensor, bias: Tensor | None, out: Tensor, residual: Tensor | None = None) -> None:
+    """`linear(x, packed, bias)` into `out` (M, N) contiguous, plus `residual` (M, N) contiguous when given (as
+    torch's `residual + F.linear(...)` rounds it; `residual` may be `out` itself), on arguments already checked as
+    `linear` checks them (x and bias contiguous)."""
     M = x.shape[0]
-    y = torch.empty(M, N, dtype=dtype)
     if M:
-        scratch = torch.empty(-(-M // BLOCK) * BLOCK * packed.shape[1], dtype=torch.int32)  # x transposed
+        steps = packed.shape[1]
+        scratch = torch.empty(-(-M // BLOCK) * BLOCK * steps, dtype=torch.int32)  # x transposed
         status = _library().linear(
-            x.data_ptr(), M, K, packed.data_ptr(), N, None if bias is None else bias.data_ptr(), y.data_ptr(),
-            scratch.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads(),
+            x.data_ptr(), M, x.shape[1], packed.data_ptr(), out.shape[1], None if bias is None else bias.data_ptr(),
+            None if residual is None else residual.data_ptr(), out.data_ptr(), scratch.data_ptr(),
+            int(packed.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
         if status:
             raise RuntimeError("matmul.linear: this build has no bfloat16 kernel (pack() returns None for it)")
-    return y
 
 
 @functools.cache
@@ -82,7 +90,7 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i32, i32]
+    lib.linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i32, i32]
     lib.linear.restype = i32
     lib.has_bf16_dot.argtypes = []
     lib.has_bf16_dot.restype = i32
