@@ -70,6 +70,31 @@ def test_the_packed_cpu_step_equals_the_module_path(dtype, bias, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(fast, modules, strict=True))  # logits, k and v caches
 
 
+DECODES = [(12, 1), (3, 1), (0, 1), (33, 1), (7, 1)]  # a decode step: one token per row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "qkv-bias"])
+def test_a_decode_step_runs_its_layers_as_one_c_call_equal_to_the_python_loop(dtype, bias, monkeypatch):
+    """A decode step's view binds its attention for C (`native_attend`): every layer runs in one call of
+    `native.layers`, equal bit for bit to cpu_step's Python loop over the same kernels and to the module path
+    (logits and both caches); a step with prefill chunks keeps the Python loop."""
+    model = _model(dtype, attn_bias=bias)
+    native = []
+    run_native = cpu_step._native_layers
+    monkeypatch.setattr(cpu_step, "_native_layers", lambda *args: native.append(run_native(*args)) or native[-1])
+    *c_call, ran = _step(model, DECODES, monkeypatch, fast=True)
+    assert ran and native[-1] is True  # (the rows' histories, written first, are steps with chunks)
+    _step(model, ROWS, monkeypatch, fast=True)
+    assert native[-1] is False  # prefill chunks in the step: no binding for C
+    monkeypatch.setattr(cpu_step, "_native_layers", lambda *args: False)
+    *python_loop, ran = _step(model, DECODES, monkeypatch, fast=True)
+    *modules, _ = _step(model, DECODES, monkeypatch, fast=False)
+    assert ran
+    assert all(torch.equal(a, b) for a, b in zip(c_call, python_loop, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(c_call, modules, strict=True))
+
+
 def test_it_follows_an_in_place_weight_update(monkeypatch):
     """An optimizer step between inference steps (RL sharing the model): the packed copies are re-made."""
     model = _model(torch.float32)

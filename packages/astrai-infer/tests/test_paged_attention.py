@@ -2,6 +2,7 @@
 gather + softmax reference, their guards, their build cache, and `KvcacheView.attend` (the engine's
 greedy-vs-naive test runs every step through them end to end)."""
 
+import ctypes
 import platform
 import shutil
 
@@ -156,6 +157,58 @@ def test_paged_rows_are_checked_once_and_kept_apart_from_the_caller():
         rows.attend(q[:1], k_cache, v_cache, 0.25)  # another number of rows
     with pytest.raises(ValueError, match="checked for 4"):
         rows.attend(q, k_cache.view(-1, 2, 2, 16), v_cache.view(-1, 2, 2, 16), 0.25)  # pages of another size
+
+
+def _decode_step_attend(step, layer, q, k, v, out, scale):
+    """paged_attention.c's decode_step_attend through its address, as a C caller (the model's layers) calls it."""
+    signature = ctypes.CFUNCTYPE(ctypes.c_int, *pa._library().decode_step_attend.argtypes)
+    k_stride, v_stride = k.stride(0), v.stride(0)
+    return signature(step.function)(step.context, layer, q.data_ptr(), q.shape[1], k.data_ptr(), k_stride,
+                                    v.data_ptr(), v_stride, out.data_ptr(), scale)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_bound_for_c_stores_and_attends_each_layer(dtype):
+    """`PagedRows.bind_layers`: one layer's call stores each row's new entry at its slot (from rows of a wider
+    tensor, as views of a q/k/v product) and attends, equal to the store then `PagedRows.attend`."""
+    layers, B, H, Hkv, d, ps = 3, 4, 6, 2, 64, 16
+    lens = [5, 17, 40, 1]
+    q, k_pages, v_pages, table, seq_lens = _case(B, H, Hkv, d, ps, lens, dtype)
+    k_caches = torch.stack([k_pages + i for i in range(layers)])  # (layers, pages, ps, Hkv, d)
+    v_caches = torch.stack([v_pages - i for i in range(layers)])
+    slots = torch.tensor([int(table[b, (n - 1) // ps]) * ps + (n - 1) % ps for b, n in enumerate(lens)])
+    qkv = torch.randn(B, (H + 2 * Hkv) * d).to(dtype)
+    k, v = qkv[:, H * d : (H + Hkv) * d], qkv[:, (H + Hkv) * d :]  # rows (H + 2 Hkv) d apart
+    rows = pa.PagedRows(table, seq_lens, ps)
+    expected_k, expected_v = k_caches.clone(), v_caches.clone()
+    expected_k[2].view(-1, Hkv, d)[slots] = k.reshape(B, Hkv, d)
+    expected_v[2].view(-1, Hkv, d)[slots] = v.reshape(B, Hkv, d)
+    expected = rows.attend(q, expected_k[2], expected_v[2], 0.125)
+    step = rows.bind_layers(k_caches, v_caches, slots)
+    out = torch.empty_like(q)
+    assert _decode_step_attend(step, 2, q, k, v, out, 0.125) == 0
+    assert torch.equal(out, expected)
+    assert torch.equal(k_caches, expected_k) and torch.equal(v_caches, expected_v)  # layers 0 and 1 untouched
+
+
+def test_a_decode_step_bound_for_c_refuses_bad_slots_heads_and_caches():
+    q, k_pages, v_pages, table, seq_lens = _case(2, 4, 2, 16, 4, [3, 6], torch.float32)
+    caches = torch.stack([k_pages, k_pages]), torch.stack([v_pages, v_pages])
+    rows = pa.PagedRows(table, seq_lens, 4)
+    entries = torch.zeros(2, 32)
+    before = [c.clone() for c in caches]
+    for slot in (-1, k_pages.shape[0] * 4):  # before the first slot, past the last (the spare page's included)
+        step = rows.bind_layers(*caches, torch.tensor([0, slot]))
+        assert _decode_step_attend(step, 0, q, entries, entries, torch.empty_like(q), 0.5) == -1
+    step = rows.bind_layers(*caches, torch.tensor([0, 1]))
+    assert _decode_step_attend(step, 0, q[:, :3], entries, entries, torch.empty_like(q), 0.5) == -5  # 3 heads, 2 KV
+    assert all(torch.equal(a, b) for a, b in zip(caches, before, strict=True))  # nothing written
+    with pytest.raises(ValueError, match="slots"):
+        rows.bind_layers(*caches, torch.tensor([0]))
+    with pytest.raises(ValueError, match="k_caches"):
+        rows.bind_layers(k_pages, v_pages, torch.tensor([0, 1]))  # one layer's pages, not every layer's
+    with pytest.raises(ValueError, match="k_caches"):
+        rows.bind_layers(caches[0].transpose(3, 4), caches[1].transpose(3, 4), torch.tensor([0, 1]))
 
 
 def test_without_the_kernel_available_says_so(monkeypatch):

@@ -35,7 +35,7 @@ from astrai.model.attention import GQA
 from astrai.model.decoder_block import DecoderBlock
 from astrai.model.linear import _SPLIT_ROWS, Linear, packed_group, packed_linear, plain_module
 from astrai.model.mlp import MLP
-from astrai.model.native import fused, matmul
+from astrai.model.native import fused, layers, matmul
 from astrai.model.norm import RMSNorm
 from astrai.protocols import KVCacheView
 
@@ -58,9 +58,10 @@ def run_layers(
         plans.append(plan)
     stream = torch.empty_like(x)  # the residual stream, each layer adding to it in place
     buffers = _Buffers(x.shape[1], x.dtype)
-    for plan in plans:
-        _layer(plan, x, stream, cos, sin, paged_cache, buffers)
-        x = stream
+    if not _native_layers(plans, x, stream, cos, sin, paged_cache, buffers):
+        for plan in plans:
+            _layer(plan, x, stream, cos, sin, paged_cache, buffers)
+            x = stream
     return stream
 
 
@@ -170,6 +171,56 @@ def _layer(plan: _Plan, x: Tensor, stream: Tensor, cos: Tensor, sin: Tensor, cac
     hidden = buffers.get("hidden", gate.shape[-1])
     fused.silu_mul_into(gate, up, gate_up.shape[-1], hidden)
     _project(hidden, plan.down, residual, residual)
+
+
+def _native_layers(
+    plans: list[_Plan], x: Tensor, stream: Tensor, cos: Tensor, sin: Tensor, cache: KVCacheView, buffers: _Buffers
+) -> bool:
+    """Every layer as one C call (`native.layers`): the same kernel calls as `_layer`'s, in the same order, into
+    the same buffers. For a step whose view binds its attention for C (`native_attend`: a packed decode step of
+    the inference engine's cache) and layers of one shape whose products are `matmul`'s; False, with nothing
+    done, elsewhere."""
+    bind = getattr(cache, "native_attend", None)
+    attend = bind() if bind is not None else None
+    if attend is None or not layers.available():
+        return False
+    first = plans[0]
+    H, Hkv, hd = first.heads
+    F = first.gate_up[2][0]
+    if first.qkv[2] != [H * hd, Hkv * hd, Hkv * hd] or first.gate_up[2] != [F, F]:
+        return False
+    if any(p.heads != first.heads or p.qkv[2] != first.qkv[2] or p.gate_up[2] != first.gate_up[2] for p in plans):
+        return False
+    if any(weight.is_mkldnn for p in plans for weight in (p.qkv[0], p.o[0], p.gate_up[0], p.down[0])):
+        return False
+    _, N, dim = x.shape
+    tensors = {name: buffers.get(name, width) for name, width in _buffer_widths(dim, H, Hkv, hd, F).items()}
+    scratch = torch.empty(-(-N // matmul.BLOCK) * matmul.BLOCK * max(dim, H * hd, F), dtype=torch.int32)
+    step = layers.Step(
+        N, dim, H, Hkv, hd, F, cos.data_ptr(), sin.data_ptr(), *(t.data_ptr() for t in tensors.values()),
+        scratch.data_ptr(), hd**-0.5, int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+    )  # fmt: skip
+    table = (layers.Layer * len(plans))(*(_native_layer(plan) for plan in plans))
+    calls = layers.Calls(**layers.kernels(), attend=attend.function, context=attend.context)
+    status = layers.decoder_layers(calls, table, step, x.data_ptr(), stream.data_ptr())
+    if status:
+        cause = "a product refused" if status == layers.PRODUCT_FAILED else f"the cache's attention failed ({status})"
+        raise RuntimeError(f"decoder layers of a decode step: {cause}")
+    return True
+
+
+def _buffer_widths(dim: int, H: int, Hkv: int, hd: int, F: int) -> dict[str, int]:
+    """The buffers `layers.Step` names, in its order, with their widths (`_layer` uses the same names)."""
+    return dict(normed=dim, qkv=(H + 2 * Hkv) * hd, q=H * hd, k=Hkv * hd, attn=H * hd, gate_up=2 * F, hidden=F)
+
+
+def _native_layer(plan: _Plan) -> layers.Layer:
+    def address(t: Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    norm1, eps1, norm2, eps2 = plan.norms
+    weights = (plan.qkv[0], plan.qkv[1], *plan.o, plan.gate_up[0], plan.gate_up[1], *plan.down)
+    return layers.Layer(plan.layer_id, norm1.data_ptr(), norm2.data_ptr(), eps1, eps2, *map(address, weights))
 
 
 def _project(x: Tensor, weight: tuple[Tensor, Tensor | None], out: Tensor, residual: Tensor | None = None) -> None:

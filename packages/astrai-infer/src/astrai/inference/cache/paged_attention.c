@@ -286,6 +286,40 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
     return status;
 }
 
+/* One decode step's rows, bound once for every layer (`DecodeStep` in paged_attention.py, which checks them). */
+typedef struct {
+    void *k_cache, *v_cache;   /* layer 0's pages, (num_pages, page_size, n_kv_heads, dim); layer l's layer_size
+                                * elements further on */
+    int64_t layer_size;
+    const int64_t *slots;      /* (batch,): the flat cache slot of each row's new entry */
+    const int64_t *page_table; /* (batch, max_pages) */
+    const int64_t *seq_lens;   /* (batch,), the new entries counted */
+    int64_t batch, n_kv_heads, dim, max_pages, page_size, num_pages;
+    int is_bf16, num_threads;
+} DecodeStep;
+
+/* Layer `layer` of a decode step: row b's new key and value (its n_kv_heads * dim entries, contiguous, at k + b *
+ * k_stride and v + b * v_stride elements) stored at slot slots[b] of that layer's caches, then
+ * paged_decode_attention of q (batch, n_heads, dim) into out. Returns as paged_decode_attention, -1 also for a
+ * slot outside the cache, -5 for n_heads not a multiple of n_kv_heads (nothing written then). The signature the
+ * model's C decoder layers call (astrai/model/native/layers.c). */
+int decode_step_attend(const DecodeStep *step, int64_t layer, const void *q, int64_t n_heads, const void *k,
+                       int64_t k_stride, const void *v, int64_t v_stride, void *out, float scale) {
+    int64_t entry = step->n_kv_heads * step->dim, size = step->is_bf16 ? 2 : 4;
+    if (n_heads < 1 || n_heads % step->n_kv_heads) return -5;
+    char *k_cache = (char *)step->k_cache + layer * step->layer_size * size;
+    char *v_cache = (char *)step->v_cache + layer * step->layer_size * size;
+    for (int64_t b = 0; b < step->batch; b++)
+        if (step->slots[b] < 0 || step->slots[b] >= step->num_pages * step->page_size) return -1;
+    for (int64_t b = 0; b < step->batch; b++) {
+        memcpy(k_cache + step->slots[b] * entry * size, (const char *)k + b * k_stride * size, (size_t)(entry * size));
+        memcpy(v_cache + step->slots[b] * entry * size, (const char *)v + b * v_stride * size, (size_t)(entry * size));
+    }
+    return paged_decode_attention(q, k_cache, v_cache, out, step->page_table, step->seq_lens, step->batch,
+                                  n_heads, step->n_kv_heads, step->dim, step->max_pages, step->page_size,
+                                  step->num_pages, scale, step->is_bf16, step->num_threads);
+}
+
 #define KEY_BLOCK 16 /* keys per step of paged_chunk_attention */
 
 /* Positions t0 .. t0 + n - 1 (n <= KEY_BLOCK) of KV head g from one layer's k or v cache, widened to float32

@@ -38,6 +38,7 @@ _ERRORS = {
     -2: "out of memory",
     -3: "unsupported head size",
     -4: "a negative sequence length",
+    -5: "query heads not a multiple of KV heads",
 }
 _LANES, _MAX_HEAD_DIM = 16, 256  # the kernel's SIMD width and register budget (LANES, MAX_CHUNKS there)
 
@@ -110,6 +111,49 @@ class PagedRows:
             B, self.page_table.shape[1], scale,
         )  # fmt: skip
         return out
+
+    def bind_layers(self, k_caches: torch.Tensor, v_caches: torch.Tensor, slots: torch.Tensor) -> DecodeStep:
+        """These rows as a decode step over every layer's caches, k_caches and v_caches (layers, pages,
+        page_size, Hkv, d) contiguous, each row's new entry going to flat slot `slots[b]` ((B,) int64): for a C
+        caller that runs every layer of the step itself (see `DecodeStep`)."""
+        B = self.seq_lens.shape[0]
+        if k_caches.dim() != 5 or v_caches.shape != k_caches.shape or k_caches.shape[2] != self.page_size:
+            raise ValueError(f"k_caches {tuple(k_caches.shape)}, v_caches {tuple(v_caches.shape)}: need equal "
+                             f"(layers, pages, {self.page_size}, Hkv, d)")  # fmt: skip
+        if not (supports_cache(k_caches) and k_caches.is_contiguous() and v_caches.is_contiguous()):
+            raise ValueError("k_caches, v_caches: need contiguous CPU caches the kernel serves (supports_cache)")
+        if k_caches.dtype != v_caches.dtype or not v_caches.is_cpu:
+            raise ValueError(f"v_caches {v_caches.dtype}: need k_caches' {k_caches.dtype} on the CPU")
+        if slots.dtype != torch.int64 or slots.shape != (B,) or not slots.is_cpu:
+            raise ValueError(f"slots {slots.dtype} {tuple(slots.shape)}: need int64 (B={B},) on the CPU")
+        return DecodeStep(self, k_caches, v_caches, slots.clone())
+
+
+class DecodeStep:
+    """A decode step's rows (`PagedRows.bind_layers`) bound to every layer's caches, for C code that runs every
+    layer of the step (the model's decoder layers, `astrai.model.native.layers`): `function` is the address of
+    `decode_step_attend` (paged_attention.c), which stores one layer's new entries and runs its attention, and
+    `context` the address of its first argument, valid while this object lives."""
+
+    class _Fields(ctypes.Structure):  # paged_attention.c's DecodeStep
+        _fields_ = [
+            *[(name, ctypes.c_void_p) for name in ("k_cache", "v_cache")],
+            ("layer_size", ctypes.c_int64),
+            *[(name, ctypes.c_void_p) for name in ("slots", "page_table", "seq_lens")],
+            *[(name, ctypes.c_int64) for name in ("batch", "n_kv_heads", "dim", "max_pages", "page_size", "num_pages")],
+            *[(name, ctypes.c_int) for name in ("is_bf16", "num_threads")],
+        ]
+
+    def __init__(self, rows: PagedRows, k_caches: torch.Tensor, v_caches: torch.Tensor, slots: torch.Tensor):
+        _, pages, page_size, Hkv, d = k_caches.shape
+        self._tensors = (rows, k_caches, v_caches, slots)  # what the fields point into
+        self._fields = self._Fields(
+            k_caches.data_ptr(), v_caches.data_ptr(), k_caches[0].numel(), slots.data_ptr(), rows.page_table.data_ptr(),
+            rows.seq_lens.data_ptr(), slots.shape[0], Hkv, d, rows.page_table.shape[1], page_size, pages,
+            _DTYPES[k_caches.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+        self.function = ctypes.cast(_library().decode_step_attend, ctypes.c_void_p).value
+        self.context = ctypes.addressof(self._fields)
 
 
 class PagedChunks:
@@ -221,6 +265,7 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr, tail = ctypes.c_int64, ctypes.c_void_p, [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.paged_decode_attention.argtypes = [ptr] * 6 + [i64] * 7 + tail
     lib.paged_chunk_attention.argtypes = [ptr] * 8 + [i64] * 7 + tail
-    for fn in (lib.paged_decode_attention, lib.paged_chunk_attention):
+    lib.decode_step_attend.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ctypes.c_float]  # from C only
+    for fn in (lib.paged_decode_attention, lib.paged_chunk_attention, lib.decode_step_attend):
         fn.restype = ctypes.c_int
     return lib

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from astrai.inference.cache.paged_attention import PagedChunks, PagedRows, supports_cache
+from astrai.inference.cache.paged_attention import DecodeStep, PagedChunks, PagedRows, supports_cache
 from astrai.inference.cache.storage import Storage
 from astrai.model.sdpa import grouped_attention
 
@@ -113,6 +113,12 @@ class KvcacheView:
             self._decode_rows = PagedRows(self._page_table, self._total_len, storage.page_size)
         return self._decode_rows.attend(q, storage.k_cache[layer_id], storage.v_cache[layer_id], scale)
 
+    def native_attend(self) -> DecodeStep | None:
+        """A packed decode step (one token per row) bound for C code that runs every layer of the step itself
+        (`PagedRows.bind_layers`: the store and attention of each layer's entries as one C call); None for
+        any other step."""
+        return None if self._packed is None else self._packed.native()
+
 
 class _PackedStep:
     """Where a packed step's tokens go and how each query attends: computed once, used by every layer.
@@ -146,6 +152,7 @@ class _PackedStep:
         self.decode_tokens: torch.Tensor | None = None  # the decodes' tokens; None: every token is one
         self.decodes: PagedRows | None = None
         self.chunks: PagedChunks | None = None
+        self._native: DecodeStep | None = None  # a decode step's binding for C callers, made on first use
         if all(n == 1 for _, n in rows):  # a decode step: one token per row
             self.decodes = PagedRows(page_table, tensor([start + 1 for start, _ in rows]), ps)
             return
@@ -162,6 +169,15 @@ class _PackedStep:
         if decoded:
             self.decode_tokens = tensor([firsts[b] for b in decoded])
             self.decodes = PagedRows(page_table[tensor(decoded)], tensor([rows[b][0] + 1 for b in decoded]), ps)
+
+    def native(self) -> DecodeStep | None:
+        """`KvcacheView.native_attend`'s binding: a decode step's, None for a step with prefill chunks."""
+        if self.chunks is not None:
+            return None
+        if self._native is None:
+            storage = self._storage
+            self._native = self.decodes.bind_layers(storage.k_cache, storage.v_cache, self.slots)
+        return self._native
 
     def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q (N, H, d), this step's k, v (N, Hkv, d), already written -> (N, H, d)."""
