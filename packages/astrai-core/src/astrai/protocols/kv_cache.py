@@ -26,6 +26,12 @@ the caller's `position_ids`, and every attention layer calls `write` with `(1, N
 `attend` with `q` `(N, H, d)`: the view attends each query over its own row's positions up to its own (it
 never returns None for a packed step). MLA layers do not take packed steps.
 
+A view may also offer `native_attend()`, outside this protocol: for a packed decode step, an object whose
+`function` and `context` are the address of a C function and its first argument, `int f(context, layer, q,
+n_heads, k, k_stride, v, v_stride, out, scale)`, that stores one layer's new keys and values (rows of q, k, v
+`stride` elements apart, in the cache's dtype) and attends, as `write` then `attend` would; None for any other
+step. The model's CPU decode step then runs every layer in one C call (`astrai.model.cpu_step`).
+
 Key slot `j` of row `b` holds the token at absolute position `j`. Queries carry their absolute positions
 (`position_ids`, which the caller passes when it uses a cache), so query at position `p` attends to keys
 `j <= p` with `j < seq_lens[b]`.

@@ -11,11 +11,18 @@ residual. Every intermediate goes into tensors made once per step (`_Buffers`), 
 updated in place. These are the computations the module path makes, in the same order on the same values,
 rounded at the same points, so the result is bit for bit the module path's (its reference in the tests).
 
+A decode step (one token per row) goes further when its view binds its attention for C code
+(`native_attend`, the inference engine's paged cache does): every layer then runs in one C call
+(`native.layers`), which makes the same kernel calls in the same order into the same buffers, with no Python
+between them; the Python loop (`_layer`) is its reference in the tests and runs every other step.
+
 With the benchmark's 20M model on a 2-core Zen 4: against the module path, interleaved A/B runs on a busy
 machine gave 5.5 -> 4.9 ms for a bfloat16 batch-1 step, 8.1 -> 7.5 ms for 16 bfloat16 sequences and
 11.4 -> 11.0 ms for 16 float32 sequences. The buffers and fused residuals, with the products' deeper prefetch
 and the attention's bfloat16 dot products, then took the layers of a 13-sequence bfloat16 step from 3.9-4.2 to
-3.1-3.2 ms; the kernels alone, called with no Python between them, take 2.2-2.9 ms.
+3.1-3.2 ms, and the single C call to 2.5-2.7 ms (the kernels alone, called from Python with nothing between
+them: 2.2-2.3 ms in the same runs). Within the engine's mixed workload a bfloat16 decode step went from 4.75
+to 3.76 ms.
 
 It serves GQA attention without q/k norm or gating and with rotary over the whole head, the SwiGLU MLP (each
 module exactly its class, with no forward hooks: a LoRA adapter's hook keeps the module path), in float32

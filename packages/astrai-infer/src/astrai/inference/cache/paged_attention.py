@@ -12,7 +12,9 @@ once for all the queries that share it:
   multiply-add (flash attention with an online softmax), about twice as fast as torch's SDPA on the CPU.
 
 Each is checked once per step (page tables, lengths, positions) and its `attend` then serves every layer of the
-step with only the cheap checks of q and that layer's pages.
+step with only the cheap checks of q and that layer's pages. `PagedRows.bind_layers` binds a decode step to every
+layer's caches for C code that runs the layers itself (`DecodeStep`: the address of `decode_step_attend`, which
+stores a layer's new entries and attends, and its context), so that no Python runs between layers.
 
 The kernels are `paged_attention.c` beside this file, built on first use by `astrai.model.native.build` (the
 machine's C compiler, this CPU, cached under `$ASTRAI_CACHE_DIR/kernels`, OpenMP on torch's own threads). Where
