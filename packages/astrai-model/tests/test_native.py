@@ -1,6 +1,6 @@
 """The C kernels' build cache (`astrai.model.native.build`), the fused CPU kernels (`native.fused`) and the
 float32 matrix product (`native.matmul`) against the torch expressions they replace, alone and inside the
-model's layers."""
+model's layers, and the decode step's C layer loop (`native.layers`) against the Python loop it replaces."""
 
 import ctypes
 import platform
@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from astrai.model import AutoRegressiveLM, RMSNorm
-from astrai.model.native import build, fused, matmul
+from astrai.config import AutoRegressiveLMConfig
+from astrai.model import AutoRegressiveLM, RMSNorm, pack_linear_weights
+from astrai.model.native import build, fused, layers, matmul
 from astrai.model.rope import apply_rotary_emb
 
 HAS_COMPILER = platform.system() == "Linux" and any(shutil.which(c) for c in ("cc", "gcc"))
@@ -267,3 +268,71 @@ def test_a_kernel_that_cannot_be_built_warns_and_falls_back(tmp_path, monkeypatc
     with pytest.warns(UserWarning, match="test kernel not built"):
         assert build.load_library(source, "test kernel") is None
     assert list((tmp_path / "kernels").iterdir()) == []  # nothing half-written left behind
+
+
+_ATTEND = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                           ctypes.c_float)  # fmt: skip
+
+
+def _at(address, shape, strides, dtype):
+    """The tensor C code handed over as an address (its memory, not a copy)."""
+    count = sum((n - 1) * step for n, step in zip(shape, strides, strict=True)) + 1
+    memory = (ctypes.c_byte * (count * dtype.itemsize)).from_address(address)
+    return torch.frombuffer(memory, dtype=dtype, count=count).as_strided(shape, strides)
+
+
+class _FirstTokens:
+    """A packed decode step in which each row's only position is its new token, so a query head's attention is
+    its KV head's value. Its store-and-attend is also callable from C (`native_attend`, a ctypes callback);
+    `stored` records each layer's keys and values either way."""
+
+    packed = True
+
+    def __init__(self, rows, heads, kv_heads, head_dim, dtype, native):
+        self.shape = rows, heads, kv_heads, head_dim
+        self.dtype, self.native, self.stored, self.from_c = dtype, native, [], 0
+        self._callback = _ATTEND(self._from_c)
+
+    def write(self, layer_id, k, v):
+        self.stored.append((layer_id, k[0].clone(), v[0].clone()))
+
+    def attend(self, layer_id, q, k, v, scale):
+        return v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+
+    def native_attend(self):
+        address = ctypes.cast(self._callback, ctypes.c_void_p).value
+        return type("Bound", (), dict(function=address, context=None)) if self.native else None
+
+    def _from_c(self, context, layer, q, n_heads, k, k_stride, v, v_stride, out, scale):
+        N, H, Hkv, hd = self.shape
+        k, v = (_at(at, (N, Hkv, hd), (stride, hd, 1), self.dtype) for at, stride in ((k, k_stride), (v, v_stride)))
+        self.from_c += 1
+        self.write(layer, k[None], v[None])
+        _at(out, (N, H, hd), (H * hd, hd, 1), self.dtype).copy_(v.repeat_interleave(H // Hkv, dim=1))
+        return 0
+
+
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES)
+def test_the_decode_step_layer_loop_in_c_equals_the_python_loop(dtype):
+    """`native.layers` runs the same kernel calls as cpu_step's Python loop: equal logits and stored entries,
+    bit for bit, through a view whose store-and-attend C calls back into Python."""
+    config = AutoRegressiveLMConfig(vocab_size=64, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, dim_ffn=96, max_len=64)
+    torch.manual_seed(0)
+    model = AutoRegressiveLM(config).to(dtype).eval()
+    pack_linear_weights(model)
+    assert layers.available()
+    inputs = dict(input_ids=torch.tensor([[5, 9, 17, 3]]), position_ids=torch.tensor([[7, 0, 30, 12]]),
+                  logits_index=torch.arange(4))  # fmt: skip
+    results = []
+    for native in (True, False):
+        view = _FirstTokens(4, 4, 2, 16, dtype, native)
+        with torch.inference_mode():
+            logits = model(**inputs, paged_cache=view)["logits"]
+        results.append((logits, view.stored))
+        assert view.from_c == (3 if native else 0)  # one call per layer from the C loop
+    (c_logits, c_stored), (py_logits, py_stored) = results
+    assert torch.equal(c_logits, py_logits)
+    assert [layer for layer, *_ in c_stored] == [0, 1, 2]
+    for (c_layer, c_k, c_v), (py_layer, py_k, py_v) in zip(c_stored, py_stored, strict=True):
+        assert c_layer == py_layer and torch.equal(c_k, py_k) and torch.equal(c_v, py_v)
