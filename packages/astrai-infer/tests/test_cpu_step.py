@@ -10,9 +10,14 @@ from astrai.config import AutoRegressiveLMConfig
 from astrai.inference.cache import KVCache
 from astrai.inference.executor import _packed_inputs
 from astrai.model import AutoRegressiveLM, RMSNorm, pack_linear_weights
-from astrai.model.native import fused
+from astrai.model.native import fused, matmul
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused kernels are built with a C compiler")
+
+
+def _bf16_dot() -> bool:
+    return matmul.available() and bool(matmul._library().has_bf16_dot())
+
 
 # Continued chunks, first chunks and decodes in one packed step (as the scheduler mixes them).
 ROWS = [(12, 1), (0, 9), (20, 6), (5, 1), (0, 1), (33, 1)]
@@ -42,7 +47,7 @@ def _step(model, rows, monkeypatch, fast):
         return out
 
     monkeypatch.setattr(cpu_step, "run_layers", spy)
-    cache = KVCache.from_config(model.config, num_pages=40, page_size=4, dtype=next(model.parameters()).dtype)
+    cache = KVCache.from_config(model.config, num_pages=200, page_size=4, dtype=next(model.parameters()).dtype)
     gen = torch.Generator().manual_seed(1)
     ids = [f"t{i}" for i in range(len(rows))]
     tokens = [torch.randint(0, 64, (start + count,), generator=gen).tolist() for start, count in rows]
@@ -71,28 +76,58 @@ def test_the_packed_cpu_step_equals_the_module_path(dtype, bias, monkeypatch):
 
 
 DECODES = [(12, 1), (3, 1), (0, 1), (33, 1), (7, 1)]  # a decode step: one token per row
+MANY_DECODES = [(3 * i % 40, 1) for i in range(20)]  # two groups of rows in every product
+NATIVE_DTYPES = [  # the C loop runs matmul.c's products: bfloat16 ones on CPUs with AVX512-BF16
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not _bf16_dot(), reason="no AVX512-BF16 on this CPU")),
+]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "qkv-bias"])
-def test_a_decode_step_runs_its_layers_as_one_c_call_equal_to_the_python_loop(dtype, bias, monkeypatch):
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES)
+@pytest.mark.parametrize(
+    "bias, head_dim, rows",
+    [(False, 16, DECODES), (True, 16, DECODES), (False, 64, MANY_DECODES)],  # 64: bf16 scores in pairs
+    ids=["no-bias", "qkv-bias", "wide-heads-20-rows"],
+)
+def test_a_decode_step_runs_its_layers_as_one_c_call_equal_to_the_python_loop(dtype, bias, head_dim, rows, monkeypatch):
     """A decode step's view binds its attention for C (`native_attend`): every layer runs in one call of
     `native.layers`, equal bit for bit to cpu_step's Python loop over the same kernels and to the module path
     (logits and both caches); a step with prefill chunks keeps the Python loop."""
-    model = _model(dtype, attn_bias=bias)
+    model = _model(dtype, attn_bias=bias, dim=4 * head_dim)
     native = []
     run_native = cpu_step._native_layers
     monkeypatch.setattr(cpu_step, "_native_layers", lambda *args: native.append(run_native(*args)) or native[-1])
-    *c_call, ran = _step(model, DECODES, monkeypatch, fast=True)
+    *c_call, ran = _step(model, rows, monkeypatch, fast=True)
     assert ran and native[-1] is True  # (the rows' histories, written first, are steps with chunks)
     _step(model, ROWS, monkeypatch, fast=True)
     assert native[-1] is False  # prefill chunks in the step: no binding for C
     monkeypatch.setattr(cpu_step, "_native_layers", lambda *args: False)
-    *python_loop, ran = _step(model, DECODES, monkeypatch, fast=True)
-    *modules, _ = _step(model, DECODES, monkeypatch, fast=False)
+    *python_loop, ran = _step(model, rows, monkeypatch, fast=True)
+    *modules, _ = _step(model, rows, monkeypatch, fast=False)
     assert ran
     assert all(torch.equal(a, b) for a, b in zip(c_call, python_loop, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(c_call, modules, strict=True))
+
+
+@pytest.mark.parametrize(
+    "cache_dtype, cache_layers", [(torch.float32, 2), (torch.bfloat16, 1)], ids=["dtype", "fewer-layers"]
+)
+def test_a_cache_that_does_not_hold_the_models_entries_fails_the_step_cleanly(cache_dtype, cache_layers):
+    """A decode step over a cache of another dtype, or with fewer layers than the model: the C loop is not used
+    (its kernels would trust the binding), and the step raises where the Python loop finds the mismatch."""
+    model = _model(torch.bfloat16)
+    config = model.config.replace(n_layers=cache_layers)
+    cache = KVCache.from_config(config, num_pages=20, page_size=4, dtype=cache_dtype)
+    native = []
+    run_native = cpu_step._native_layers
+    with pytest.MonkeyPatch.context() as patch, torch.inference_mode():
+        patch.setattr(cpu_step, "_native_layers", lambda *args: native.append(run_native(*args)) or native[-1])
+        for task in ("a", "b"):
+            assert cache.task_alloc(task, [1, 2])
+        step = cache.bind_tasks(["a", "b"], [0, 0], [1, 1], packed=True)
+        with pytest.raises((RuntimeError, IndexError, ValueError)):
+            model(**_packed_inputs([[1], [2]], [0, 0], [1, 1]), paged_cache=step)
+    assert native == [False]
 
 
 def test_it_follows_an_in_place_weight_update(monkeypatch):
@@ -124,6 +159,19 @@ def test_where_it_does_not_serve_the_modules_run(layout, rows, packed, monkeypat
     pack_linear_weights(model, enable=packed)
     *_, ran = _step(model, rows, monkeypatch, fast=True)
     assert not ran
+
+
+def test_a_bias_the_kernels_cannot_read_keeps_the_module_path():
+    """The products read a bias as they read the weights: one of another dtype (or shape) is left to the module
+    path, whose `Linear` says what is wrong, instead of being read as the weights' dtype."""
+    model = _model(torch.float32)
+    x, cos = torch.zeros(1, 3, 64), torch.zeros(1, 3, 16)
+    with torch.inference_mode():
+        assert cpu_step._plan(model.layers[0], x, cos) is not None
+        model.layers[0].attention.o_proj.bias = torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))
+        assert cpu_step._plan(model.layers[0], x, cos) is None
+        model.layers[0].attention.o_proj.bias = torch.nn.Parameter(torch.zeros(32))
+        assert cpu_step._plan(model.layers[0], x, cos) is None
 
 
 def test_only_under_inference_mode():

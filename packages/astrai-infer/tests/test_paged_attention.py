@@ -101,8 +101,9 @@ def test_an_empty_batch_gives_an_empty_result():
     assert out.shape == (0, 4, 16)
 
 
-def test_non_finite_scores_give_nan_as_torch_does():
-    q, k_cache, v_cache, table, seq_lens = _case(2, 4, 2, 16, 16, [40, 40], torch.float32)
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 16), (torch.bfloat16, 16), (torch.bfloat16, 64)])
+def test_non_finite_scores_give_nan_as_torch_does(dtype, d):  # bfloat16 at 64: scores by pairs
+    q, k_cache, v_cache, table, seq_lens = _case(2, 4, 2, d, 16, [40, 40], dtype)
     q[0, 0, 3] = float("nan")  # every score of row 0, head 0
     k_cache[table[1, 1], 1, 0, 2] = float("nan")  # one key (position 17) of row 1, KV head 0 (query heads 0, 1)
     q[1, 3] = 1e30  # row 1, head 3: scores overflow to +-inf
@@ -110,7 +111,8 @@ def test_non_finite_scores_give_nan_as_torch_does():
     reference = _reference(q, k_cache, v_cache, table, seq_lens, 0.25)
     assert torch.equal(out.isnan(), reference.isnan()) and out[0, 0].isnan().all() and out[1, :2].isnan().all()
     finite = ~reference.isnan()
-    torch.testing.assert_close(out.double()[finite], reference[finite], atol=2e-6, rtol=2e-5)
+    tolerance = dict(atol=2e-6, rtol=2e-5) if dtype == torch.float32 else dict(atol=2**-20, rtol=2**-8)
+    torch.testing.assert_close(out.double()[finite], reference[finite], **tolerance)
 
 
 def test_a_page_outside_the_cache_is_refused_not_read():
@@ -202,6 +204,9 @@ def test_a_decode_step_bound_for_c_refuses_bad_slots_heads_and_caches():
         assert _decode_step_attend(step, 0, q, entries, entries, torch.empty_like(q), 0.5) == -1
     step = rows.bind_layers(*caches, torch.tensor([0, 1]))
     assert _decode_step_attend(step, 0, q[:, :3], entries, entries, torch.empty_like(q), 0.5) == -5  # 3 heads, 2 KV
+    for layer in (-1, 2):  # the caches hold layers 0 and 1
+        assert _decode_step_attend(step, layer, q, entries, entries, torch.empty_like(q), 0.5) == -6
+    assert (step.rows, step.n_layers, step.n_kv_heads, step.head_dim, step.dtype) == (2, 2, 2, 16, torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(caches, before, strict=True))  # nothing written
     with pytest.raises(ValueError, match="slots"):
         rows.bind_layers(*caches, torch.tensor([0]))
@@ -295,8 +300,9 @@ def test_chunks_in_bfloat16_accumulate_in_float32(H, Hkv, d, page_size):
     torch.testing.assert_close(out[rows].double(), expected, atol=2**-20, rtol=2**-8)
 
 
-def test_chunks_propagate_nan_and_never_see_later_positions():
-    q, k_cache, v_cache, table, starts, counts, firsts = _chunk_case(4, 2, 16, 16, [(0, 20)], torch.float32)
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 16), (torch.bfloat16, 16), (torch.bfloat16, 64)])
+def test_chunks_propagate_nan_and_never_see_later_positions(dtype, d):  # bfloat16: scores by pairs
+    q, k_cache, v_cache, table, starts, counts, firsts = _chunk_case(4, 2, d, 16, [(0, 20)], dtype)
     k_cache[table[0, 1], 2, 1] = float("nan")  # position 18, KV head 1: only the chunk's last 2 queries see it
     v_cache[table[0, 1], 1, 0, 4] = float("inf")  # position 17, KV head 0: the last 3 (inf - inf: NaN)
     v_cache[table[0, 1], 3, 0, 5] = float("nan")  # position 19, KV head 0: the last one
@@ -308,7 +314,8 @@ def test_chunks_propagate_nan_and_never_see_later_positions():
     assert got[18:, 2:].isnan().all() and not got[:18, 2:].isnan().any() and got[5, 0].isnan().all()
     assert not got[:17, 1].isnan().any() and not got[:17, 1].isinf().any()  # queries before 17: finite
     finite = ~expected.isnan()
-    torch.testing.assert_close(got[finite], expected[finite], atol=2e-6, rtol=2e-5)
+    tolerance = dict(atol=2e-6, rtol=2e-5) if dtype == torch.float32 else dict(atol=2**-20, rtol=2**-8)
+    torch.testing.assert_close(got[finite], expected[finite], **tolerance)
 
 
 def test_chunks_refuse_a_page_outside_the_cache_and_bad_arguments():

@@ -301,8 +301,12 @@ class _FirstTokens:
         return v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
 
     def native_attend(self):
+        if not self.native:
+            return None
+        rows, _, kv_heads, head_dim = self.shape
         address = ctypes.cast(self._callback, ctypes.c_void_p).value
-        return type("Bound", (), dict(function=address, context=None)) if self.native else None
+        bound = dict(rows=rows, n_kv_heads=kv_heads, head_dim=head_dim, n_layers=3, dtype=self.dtype, errors={})
+        return type("Bound", (), dict(function=address, context=None, **bound))
 
     def _from_c(self, context, layer, q, n_heads, k, k_stride, v, v_stride, out, scale):
         N, H, Hkv, hd = self.shape

@@ -28,9 +28,11 @@ never returns None for a packed step). MLA layers do not take packed steps.
 
 A view may also offer `native_attend()`, outside this protocol: for a packed decode step, an object whose
 `function` and `context` are the address of a C function and its first argument, `int f(context, layer, q,
-n_heads, k, k_stride, v, v_stride, out, scale)`, that stores one layer's new keys and values (rows of q, k, v
-`stride` elements apart, in the cache's dtype) and attends, as `write` then `attend` would; None for any other
-step. The model's CPU decode step then runs every layer in one C call (`astrai.model.cpu_step`).
+n_heads, k, k_stride, v, v_stride, out, scale)`, that stores one layer's new keys and values (rows of k and v
+`k_stride` and `v_stride` elements apart) and attends q (contiguous) into out, as `write` then `attend` would,
+returning 0 or an error status that `errors` names; its `dtype`, `rows`, `n_layers`, `n_kv_heads` and `head_dim`
+say what it was bound for. None for any other step. The model's CPU decode step then runs every layer in one C
+call (`astrai.model.cpu_step`).
 
 Key slot `j` of row `b` holds the token at absolute position `j`. Queries carry their absolute positions
 (`position_ids`, which the caller passes when it uses a cache), so query at position `p` attends to keys

@@ -63,6 +63,8 @@ def run_layers(
         if plan is None:
             return None
         plans.append(plan)
+    if not plans:
+        return None
     stream = torch.empty_like(x)  # the residual stream, each layer adding to it in place
     buffers = _Buffers(x.shape[1], x.dtype)
     if not _native_layers(plans, x, stream, cos, sin, paged_cache, buffers):
@@ -118,9 +120,10 @@ def _plan(block: nn.Module, x: Tensor, cos: Tensor) -> _Plan | None:
         return None
     if not (o._pack and down._pack and o._parameters["weight"].dtype == down._parameters["weight"].dtype == x.dtype):
         return None
-    biases = (qkv[1], gate_up[1], o._parameters["bias"], down._parameters["bias"])
-    if any(b is not None and not b.is_contiguous() for b in biases):
-        return None
+    outputs = ((qkv[1], sum(qkv[2])), (gate_up[1], sum(gate_up[2])), (o._parameters["bias"], o.out_features),
+               (down._parameters["bias"], down.out_features))  # fmt: skip
+    if any(b is not None and not (b.dtype == x.dtype and b.shape == (n,) and b.is_contiguous()) for b, n in outputs):
+        return None  # the kernels read biases as they read the weights
     o_weight, down_weight = o._packed_weight(), down._packed_weight()
     if o_weight is None or down_weight is None:  # (`is`: `in` would compare tensors elementwise)
         return None
@@ -194,13 +197,19 @@ def _native_layers(
     first = plans[0]
     H, Hkv, hd = first.heads
     F = first.gate_up[2][0]
+    _, N, dim = x.shape
     if first.qkv[2] != [H * hd, Hkv * hd, Hkv * hd] or first.gate_up[2] != [F, F]:
         return False
     if any(p.heads != first.heads or p.qkv[2] != first.qkv[2] or p.gate_up[2] != first.gate_up[2] for p in plans):
         return False
     if any(weight.is_mkldnn for p in plans for weight in (p.qkv[0], p.o[0], p.gate_up[0], p.down[0])):
         return False
-    _, N, dim = x.shape
+    # The C side trusts its binding's entry size and shapes: a cache that does not hold this model's entries
+    # (or a view for other rows) goes to the Python loop, whose checks name the mismatch.
+    if (attend.dtype, attend.rows, attend.n_kv_heads, attend.head_dim) != (x.dtype, N, Hkv, hd):
+        return False
+    if any(not 0 <= p.layer_id < attend.n_layers for p in plans):
+        return False
     tensors = {name: buffers.get(name, width) for name, width in _buffer_widths(dim, H, Hkv, hd, F).items()}
     scratch = torch.empty(-(-N // matmul.BLOCK) * matmul.BLOCK * max(dim, H * hd, F), dtype=torch.int32)
     step = layers.Step(
@@ -211,7 +220,7 @@ def _native_layers(
     calls = layers.Calls(**layers.kernels(), attend=attend.function, context=attend.context)
     status = layers.decoder_layers(calls, table, step, x.data_ptr(), stream.data_ptr())
     if status:
-        cause = "a product refused" if status == layers.PRODUCT_FAILED else f"the cache's attention failed ({status})"
+        cause = "a product refused" if status == layers.PRODUCT_FAILED else attend.errors.get(status, status)
         raise RuntimeError(f"decoder layers of a decode step: {cause}")
     return True
 

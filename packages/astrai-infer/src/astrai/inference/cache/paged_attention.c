@@ -144,10 +144,9 @@ static inline __attribute__((always_inline)) void attend_heads(
 #ifdef __AVX512BF16__
                 if (pairs) {
                     __m512bh key[MAX_CHUNKS / 2];
-                    for (int64_t c = 0; c < chunks / 2; c++) {
-                        const void *at = element(k, (rows[t0 + i] + g) * dim + c * 2 * LANES, 1);
-                        key[c] = (__m512bh)(i < n ? _mm512_loadu_si512(at) : _mm512_setzero_si512());
-                    }
+                    for (int64_t c = 0; c < chunks / 2; c++)
+                        key[c] = (__m512bh)(i < n ? _mm512_loadu_si512(element(k, (rows[t0 + i] + g) * dim + c * 2 * LANES, 1))
+                                                  : _mm512_setzero_si512());
                     for (int64_t h = lo; h < hi; h++) {
                         __m512 dot = _mm512_setzero_ps();
                         for (int64_t c = 0; c < chunks / 2; c++) dot = _mm512_dpbf16_ps(dot, query_pairs[h][c], key[c]);
@@ -291,8 +290,8 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
 /* One decode step's rows, bound once for every layer (`DecodeStep` in paged_attention.py, which checks them). */
 typedef struct {
     void *k_cache, *v_cache;   /* layer 0's pages, (num_pages, page_size, n_kv_heads, dim); layer l's layer_size
-                                * elements further on */
-    int64_t layer_size;
+                                * elements further on, for n_layers layers */
+    int64_t layer_size, n_layers;
     const int64_t *slots;      /* (batch,): the flat cache slot of each row's new entry */
     const int64_t *page_table; /* (batch, max_pages) */
     const int64_t *seq_lens;   /* (batch,), the new entries counted */
@@ -302,13 +301,14 @@ typedef struct {
 
 /* Layer `layer` of a decode step: row b's new key and value (its n_kv_heads * dim entries, contiguous, at k + b *
  * k_stride and v + b * v_stride elements) stored at slot slots[b] of that layer's caches, then
- * paged_decode_attention of q (batch, n_heads, dim) into out. Returns as paged_decode_attention, -1 also for a
- * slot outside the cache, -5 for n_heads not a multiple of n_kv_heads (nothing written then). The signature the
- * model's C decoder layers call (astrai/model/native/layers.c). */
+ * paged_decode_attention of q (batch, n_heads, dim) contiguous into out. Returns as paged_decode_attention, -1
+ * also for a slot outside the cache, -5 for n_heads not a multiple of n_kv_heads, -6 for a layer outside the
+ * cache (nothing written then). The signature the model's C decoder layers call (astrai/model/native/layers.c). */
 int decode_step_attend(const DecodeStep *step, int64_t layer, const void *q, int64_t n_heads, const void *k,
                        int64_t k_stride, const void *v, int64_t v_stride, void *out, float scale) {
     int64_t entry = step->n_kv_heads * step->dim, size = step->is_bf16 ? 2 : 4;
     if (n_heads < 1 || n_heads % step->n_kv_heads) return -5;
+    if (layer < 0 || layer >= step->n_layers) return -6;
     char *k_cache = (char *)step->k_cache + layer * step->layer_size * size;
     char *v_cache = (char *)step->v_cache + layer * step->layer_size * size;
     for (int64_t b = 0; b < step->batch; b++)

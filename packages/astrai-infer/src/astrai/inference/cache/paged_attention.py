@@ -41,6 +41,7 @@ _ERRORS = {
     -3: "unsupported head size",
     -4: "a negative sequence length",
     -5: "query heads not a multiple of KV heads",
+    -6: "a layer outside the cache",
 }
 _LANES, _MAX_HEAD_DIM = 16, 256  # the kernel's SIMD width and register budget (LANES, MAX_CHUNKS there)
 
@@ -135,22 +136,34 @@ class DecodeStep:
     """A decode step's rows (`PagedRows.bind_layers`) bound to every layer's caches, for C code that runs every
     layer of the step (the model's decoder layers, `astrai.model.native.layers`): `function` is the address of
     `decode_step_attend` (paged_attention.c), which stores one layer's new entries and runs its attention, and
-    `context` the address of its first argument, valid while this object lives."""
+    `context` the address of its first argument, valid while this object lives. The caller must hand it what
+    the caches hold: `rows` rows of `dtype` entries, `n_kv_heads` x `head_dim` per token, layers below
+    `n_layers` (C trusts the element size and shapes; it checks layers, slots and pages). `errors` names its
+    error statuses."""
+
+    errors = _ERRORS
 
     class _Fields(ctypes.Structure):  # paged_attention.c's DecodeStep
         _fields_ = [
             *[(name, ctypes.c_void_p) for name in ("k_cache", "v_cache")],
-            ("layer_size", ctypes.c_int64),
+            *[(name, ctypes.c_int64) for name in ("layer_size", "n_layers")],
             *[(name, ctypes.c_void_p) for name in ("slots", "page_table", "seq_lens")],
             *[(name, ctypes.c_int64) for name in ("batch", "n_kv_heads", "dim", "max_pages", "page_size", "num_pages")],
             *[(name, ctypes.c_int) for name in ("is_bf16", "num_threads")],
         ]
 
     def __init__(self, rows: PagedRows, k_caches: torch.Tensor, v_caches: torch.Tensor, slots: torch.Tensor):
-        _, pages, page_size, Hkv, d = k_caches.shape
+        layers, pages, page_size, Hkv, d = k_caches.shape
+        self.dtype, self.rows, self.n_layers, self.n_kv_heads, self.head_dim = (
+            k_caches.dtype,
+            slots.shape[0],
+            layers,
+            Hkv,
+            d,
+        )
         self._tensors = (rows, k_caches, v_caches, slots)  # what the fields point into
         self._fields = self._Fields(
-            k_caches.data_ptr(), v_caches.data_ptr(), k_caches[0].numel(), slots.data_ptr(), rows.page_table.data_ptr(),
+            k_caches.data_ptr(), v_caches.data_ptr(), k_caches[0].numel(), layers, slots.data_ptr(), rows.page_table.data_ptr(),
             rows.seq_lens.data_ptr(), slots.shape[0], Hkv, d, rows.page_table.shape[1], page_size, pages,
             _DTYPES[k_caches.dtype], torch.get_num_threads(),
         )  # fmt: skip
