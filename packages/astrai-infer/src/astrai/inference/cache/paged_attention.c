@@ -144,9 +144,10 @@ static inline __attribute__((always_inline)) void attend_heads(
 #ifdef __AVX512BF16__
                 if (pairs) {
                     __m512bh key[MAX_CHUNKS / 2];
-                    for (int64_t c = 0; c < chunks / 2; c++)
-                        key[c] = (__m512bh)(i < n ? _mm512_loadu_si512(element(k, (rows[t0 + i] + g) * dim + c * 2 * LANES, 1))
-                                                  : _mm512_setzero_si512());
+                    for (int64_t c = 0; c < chunks / 2; c++) /* (row numbers past len are not set) */
+                        key[c] = i < n ? (__m512bh)_mm512_loadu_si512(
+                                             element(k, (rows[t0 + i] + g) * dim + c * 2 * LANES, 1))
+                                       : (__m512bh)_mm512_setzero_si512();
                     for (int64_t h = lo; h < hi; h++) {
                         __m512 dot = _mm512_setzero_ps();
                         for (int64_t c = 0; c < chunks / 2; c++) dot = _mm512_dpbf16_ps(dot, query_pairs[h][c], key[c]);

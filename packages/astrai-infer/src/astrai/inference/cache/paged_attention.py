@@ -154,18 +154,13 @@ class DecodeStep:
 
     def __init__(self, rows: PagedRows, k_caches: torch.Tensor, v_caches: torch.Tensor, slots: torch.Tensor):
         layers, pages, page_size, Hkv, d = k_caches.shape
-        self.dtype, self.rows, self.n_layers, self.n_kv_heads, self.head_dim = (
-            k_caches.dtype,
-            slots.shape[0],
-            layers,
-            Hkv,
-            d,
-        )
+        self.dtype, self.rows, self.n_layers = k_caches.dtype, len(slots), layers
+        self.n_kv_heads, self.head_dim = Hkv, d
         self._tensors = (rows, k_caches, v_caches, slots)  # what the fields point into
         self._fields = self._Fields(
-            k_caches.data_ptr(), v_caches.data_ptr(), k_caches[0].numel(), layers, slots.data_ptr(), rows.page_table.data_ptr(),
-            rows.seq_lens.data_ptr(), slots.shape[0], Hkv, d, rows.page_table.shape[1], page_size, pages,
-            _DTYPES[k_caches.dtype], torch.get_num_threads(),
+            k_caches.data_ptr(), v_caches.data_ptr(), k_caches[0].numel(), layers, slots.data_ptr(),
+            rows.page_table.data_ptr(), rows.seq_lens.data_ptr(), len(slots), Hkv, d, rows.page_table.shape[1],
+            page_size, pages, _DTYPES[k_caches.dtype], torch.get_num_threads(),
         )  # fmt: skip
         self.function = ctypes.cast(_library().decode_step_attend, ctypes.c_void_p).value
         self.context = ctypes.addressof(self._fields)
