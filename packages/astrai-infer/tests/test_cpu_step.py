@@ -15,10 +15,6 @@ from astrai.model.native import fused, matmul
 pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused kernels are built with a C compiler")
 
 
-def _bf16_dot() -> bool:
-    return matmul.available() and bool(matmul._library().has_bf16_dot())
-
-
 # Continued chunks, first chunks and decodes in one packed step (as the scheduler mixes them).
 ROWS = [(12, 1), (0, 9), (20, 6), (5, 1), (0, 1), (33, 1)]
 
@@ -75,11 +71,21 @@ def test_the_packed_cpu_step_equals_the_module_path(dtype, bias, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(fast, modules, strict=True))  # logits, k and v caches
 
 
+def _spy_native(patch) -> list[bool]:
+    """Record what `cpu_step._native_layers` answers (True: the step's layers ran as one C call)."""
+    answers = []
+    run_native = cpu_step._native_layers
+    patch.setattr(cpu_step, "_native_layers", lambda *args: answers.append(run_native(*args)) or answers[-1])
+    return answers
+
+
 DECODES = [(12, 1), (3, 1), (0, 1), (33, 1), (7, 1)]  # a decode step: one token per row
 MANY_DECODES = [(3 * i % 40, 1) for i in range(20)]  # two groups of rows in every product
 NATIVE_DTYPES = [  # the C loop runs matmul.c's products: bfloat16 ones on CPUs with AVX512-BF16
     torch.float32,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not _bf16_dot(), reason="no AVX512-BF16 on this CPU")),
+    pytest.param(
+        torch.bfloat16, marks=pytest.mark.skipif(not matmul.has_bf16_dot(), reason="no AVX512-BF16 on this CPU")
+    ),
 ]
 
 
@@ -94,9 +100,7 @@ def test_a_decode_step_runs_its_layers_as_one_c_call_equal_to_the_python_loop(dt
     `native.layers`, equal bit for bit to cpu_step's Python loop over the same kernels and to the module path
     (logits and both caches); a step with prefill chunks keeps the Python loop."""
     model = _model(dtype, attn_bias=bias, dim=4 * head_dim)
-    native = []
-    run_native = cpu_step._native_layers
-    monkeypatch.setattr(cpu_step, "_native_layers", lambda *args: native.append(run_native(*args)) or native[-1])
+    native = _spy_native(monkeypatch)
     *c_call, ran = _step(model, rows, monkeypatch, fast=True)
     assert ran and native[-1] is True  # (the rows' histories, written first, are steps with chunks)
     _step(model, ROWS, monkeypatch, fast=True)
@@ -118,10 +122,8 @@ def test_a_cache_that_does_not_hold_the_models_entries_fails_the_step_cleanly(ca
     model = _model(torch.bfloat16)
     config = model.config.replace(n_layers=cache_layers)
     cache = KVCache.from_config(config, num_pages=20, page_size=4, dtype=cache_dtype)
-    native = []
-    run_native = cpu_step._native_layers
     with pytest.MonkeyPatch.context() as patch, torch.inference_mode():
-        patch.setattr(cpu_step, "_native_layers", lambda *args: native.append(run_native(*args)) or native[-1])
+        native = _spy_native(patch)
         for task in ("a", "b"):
             assert cache.task_alloc(task, [1, 2])
         step = cache.bind_tasks(["a", "b"], [0, 0], [1, 1], packed=True)

@@ -142,13 +142,11 @@ def test_rms_norm_module_uses_the_kernel_under_inference_mode(monkeypatch):
     torch.testing.assert_close(fast, slow.detach())
 
 
-def _bf16_dot() -> bool:
-    return matmul.available() and bool(matmul._library().has_bf16_dot())
-
-
 MATMUL_DTYPES = [
     torch.float32,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not _bf16_dot(), reason="no AVX512-BF16 on this CPU")),
+    pytest.param(
+        torch.bfloat16, marks=pytest.mark.skipif(not matmul.has_bf16_dot(), reason="no AVX512-BF16 on this CPU")
+    ),
 ]
 
 
@@ -200,7 +198,7 @@ def test_matmul_serves_blocks_of_16_outputs_only():
     weight = torch.randn(32, 8)
     assert matmul.pack(torch.randn(33, 8)) is None and matmul.pack(weight.to("meta")) is None
     assert matmul.pack(weight.half()) is None and matmul.pack(torch.randn(32, 7).bfloat16()) is None  # K odd
-    assert (matmul.pack(weight.bfloat16()) is not None) == _bf16_dot()
+    assert (matmul.pack(weight.bfloat16()) is not None) == matmul.has_bf16_dot()
     packed = matmul.pack(weight)
     with pytest.raises(ValueError, match="x"):
         matmul.linear(torch.randn(3, 9), packed)  # another in_features

@@ -33,6 +33,11 @@ def available() -> bool:
     return _library() is not None
 
 
+def has_bf16_dot() -> bool:
+    """True when the kernel is built with its bfloat16 product (the CPU has AVX512-BF16)."""
+    return available() and bool(_library().has_bf16_dot())
+
+
 def pack(weight: Tensor) -> Tensor | None:
     """W (N, K) as the kernel reads it: float32 (N / 16, K, 16), bfloat16 (N / 16, K / 2, 16, 2); None where the
     kernel does not serve (another dtype or device, N not a multiple of 16, bfloat16 with K odd or without the
@@ -42,7 +47,7 @@ def pack(weight: Tensor) -> Tensor | None:
         return None
     if weight.dtype == torch.float32:
         return weight.detach().reshape(N // BLOCK, BLOCK, K).transpose(1, 2).contiguous()
-    if weight.dtype == torch.bfloat16 and K % 2 == 0 and _library().has_bf16_dot():
+    if weight.dtype == torch.bfloat16 and K % 2 == 0 and has_bf16_dot():
         return weight.detach().reshape(N // BLOCK, BLOCK, K // 2, 2).transpose(1, 2).contiguous()
     return None
 
