@@ -76,3 +76,23 @@ def test_benchmark_module_may_define_dataclasses(tmp_path):
         return [dict(metric="m", unit="u", ours=Point(2.0).x)]
     """
     assert run_benchmark(_write(tmp_path, "dc", body), [])[0].ours == 2.0
+
+
+def test_benchmark_missing_a_distribution_is_skipped_with_what_to_install(tmp_path, capsys):
+    _write(tmp_path, "good", GOOD)
+    _write(tmp_path, "train", "import astrai.not_here\n\ndef main(argv=None):\n    return []\n")
+    _write(tmp_path, "peer", "import peer_not_here.models\n\ndef main(argv=None):\n    return []\n")
+    assert cli_main.main(["bench", "--dir", str(tmp_path)]) == 0  # the installed benchmark still measured
+    captured = capsys.readouterr()
+    assert "300" in captured.out
+    assert "bench_peer.py needs peer_not_here: pip install peer_not_here" in captured.err  # the first missing package
+    assert "bench_train.py needs astrai.not_here, which no AstrAI distribution ships" in captured.err
+    assert "skipped (not installed here): bench_peer.py, bench_train.py" in captured.err
+    assert cli_main.main(["bench", "train", "--dir", str(tmp_path)]) == 1  # nothing could be measured
+
+
+def test_missing_astrai_module_names_its_distribution():
+    from astrai.cli.bench import missing_requirement
+
+    exc = ModuleNotFoundError("No module named 'astrai.trainer'", name="astrai.trainer")
+    assert missing_requirement(exc) == "needs astrai.trainer: pip install astrai-train"

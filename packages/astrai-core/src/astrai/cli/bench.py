@@ -4,6 +4,10 @@ A benchmark is a file `benchmarks/bench_<name>.py` with `main(argv: list[str] | 
 Each returned row is a `BenchRow`-shaped dict: what was measured, our figure, the peer's figure measured in the
 same run, and the machine's limit for that figure. The benchmark may print its own details; this command prints
 the combined table at the end.
+
+A benchmark whose imports are not installed (on a serving box, `bench_train` needs astrai-train; the HF peer
+needs transformers) is skipped with a line saying what to install, not counted as a failure; a run in which
+nothing could be measured fails.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from astrai.cli.version import providing_distribution
 
 
 @dataclass
@@ -98,24 +104,37 @@ def run_benchmark(path: Path, argv: list[str]) -> list[BenchRow]:
     return [_row(raw, name) for raw in module.main(argv) or []]
 
 
+def missing_requirement(exc: ModuleNotFoundError) -> str:
+    """What to install for a benchmark that could not import `exc.name`."""
+    module = exc.name or str(exc)
+    top = module.partition(".")[0]
+    dist = providing_distribution(module) or (top if top != "astrai" else None)
+    return f"needs {module}: pip install {dist}" if dist else f"needs {module}, which no AstrAI distribution ships"
+
+
 def _run(args: argparse.Namespace) -> int:
     paths = discover(Path(args.dir), args.only)
     rows: list[BenchRow] = []
-    failed = []
+    failed, skipped = [], []
     for path in paths:
         start = time.perf_counter()
         print(f"== {path.name}", flush=True)
         try:
             rows += run_benchmark(path, ["--quick"] if args.quick else [])
+        except ModuleNotFoundError as exc:
+            skipped.append(path.name)
+            print(f"   skipped: {path.name} {missing_requirement(exc)}", file=sys.stderr)
         except Exception as exc:  # one broken benchmark must not hide the others' figures
             failed.append(path.name)
             print(f"   failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
     print()
     print(format_table(rows))
+    if skipped:
+        print(f"\nskipped (not installed here): {', '.join(skipped)}", file=sys.stderr)
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or len(skipped) == len(paths) else 0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
