@@ -1,5 +1,5 @@
-"""Checkpoint folders: round trip, atomic replacement, the `latest` pointer, clear errors on damage,
-and a process killed while saving."""
+"""Checkpoint folders: round trip, atomic replacement, the `latest` pointer, clear errors on damage
+(flipped bits included), a full disk, retention, and a process killed while saving."""
 
 from __future__ import annotations
 
@@ -9,18 +9,22 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from astrai.model import AutoModel
+import astrai.serialization.checkpoint as checkpoint_module
 from astrai.serialization import (
     Checkpoint,
     checkpoint_dir,
+    clear_checkpoints,
     get_rng_state,
     latest_checkpoint,
     mark_latest,
+    prune_checkpoints,
     set_rng_state,
 )
 
@@ -121,6 +125,78 @@ def test_damaged_checkpoint_names_the_file(tmp_path: Path, damage, file: str) ->
     damage(path)
     with pytest.raises(ValueError, match=file.replace(".", r"\.")):
         Checkpoint.load(path)
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "optimizer.pt", "config.json"])
+def test_flipped_bits_are_an_error_naming_the_file(tmp_path: Path, file: str) -> None:
+    path = _checkpoint().save(tmp_path / "c")
+    data = bytearray((path / file).read_bytes())
+    data[-3] ^= 0x01  # one bit of the payload: the file still parses, with a different value
+    (path / file).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{file.replace('.', '[.]')} is corrupt: its SHA-256 differs"):
+        Checkpoint.load(path)
+
+
+def test_checkpoint_without_hashes_loads_unverified(tmp_path: Path) -> None:
+    path = _checkpoint().save(tmp_path / "c")
+    meta = json.loads((path / "meta.json").read_text())
+    assert sorted(meta["sha256"]) == sorted(meta["files"])  # every file but meta.json is hashed
+    del meta["sha256"]  # as written before hashes were recorded
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert Checkpoint.load(path).step == 3
+
+
+def _raise(exc: BaseException):
+    def fail(*args, **kwargs):
+        raise exc
+
+    return fail
+
+
+def _torch_error_during_enospc() -> RuntimeError:
+    """torch.save into a Python file object on a full disk: its error, raised while handling ENOSPC."""
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        except RuntimeError as exc:
+            return exc
+
+
+def test_full_disk_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    target = checkpoint_dir(tmp_path, 4)
+    monkeypatch.setattr(checkpoint_module.torch, "save", _raise(_torch_error_during_enospc()))
+    with pytest.raises(OSError, match=rf"no space left on device while writing {target}/optimizer[.]pt"):
+        _checkpoint().save(target)
+    assert not any(tmp_path.iterdir())  # nothing half-written is left
+    # The same torch error with no errno underneath (torch writing to a path), on a file system that has
+    # no space left; and safetensors' own error.
+    plain = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(checkpoint_module.torch, "save", _raise(plain))
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+    with pytest.raises(OSError, match=rf"no space left on device while writing {target}/optimizer[.]pt"):
+        _checkpoint().save(target)
+    monkeypatch.undo()
+    storage_full = checkpoint_module.SafetensorError('IoError(Os { code: 28, message: "No space left on device" })')
+    monkeypatch.setattr(checkpoint_module, "save_file", _raise(storage_full))
+    with pytest.raises(OSError, match=rf"no space left on device while writing {target}/model[.]safetensors"):
+        _checkpoint().save(target)
+    # Any other write error stays what it was.
+    monkeypatch.setattr(checkpoint_module, "save_file", _raise(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="^boom$"):
+        _checkpoint().save(target)
+
+
+def test_prune_keeps_the_newest_and_latest_and_clear_keeps_other_files(tmp_path: Path) -> None:
+    for step in (1, 2, 3, 4):
+        mark_latest(Checkpoint({"w": torch.zeros(1)}, step=step).save(checkpoint_dir(tmp_path, step)))
+    mark_latest(checkpoint_dir(tmp_path, 2))  # a pointer that is not the newest is never deleted
+    assert prune_checkpoints(tmp_path, 1) == [checkpoint_dir(tmp_path, 1), checkpoint_dir(tmp_path, 3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+    (tmp_path / "logs").mkdir()
+    clear_checkpoints(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["logs"] and latest_checkpoint(tmp_path) is None
 
 
 def test_missing_folder(tmp_path: Path) -> None:

@@ -9,8 +9,11 @@ from astrai.serialization.checkpoint import (
     WEIGHTS_FILE,
     Checkpoint,
     checkpoint_dir,
+    clear_checkpoints,
     latest_checkpoint,
     mark_latest,
+    prune_checkpoints,
+    step_checkpoints,
 )
 from astrai.serialization.rng_state import get_rng_state, set_rng_state
 
@@ -22,8 +25,11 @@ __all__ = [
     "WEIGHTS_FILE",
     "Checkpoint",
     "checkpoint_dir",
+    "clear_checkpoints",
     "get_rng_state",
     "latest_checkpoint",
     "mark_latest",
+    "prune_checkpoints",
     "set_rng_state",
+    "step_checkpoints",
 ]

@@ -7,17 +7,27 @@ Layout of a checkpoint folder:
     config.json                the model config, so `AutoModel.from_pretrained(folder)` rebuilds the model
     <key>.pt                   one file per `extra` entry (optimizer, scheduler, sampler, rng, ...), tensors
                                and plain values only: loaded with `torch.load(weights_only=True)`
-    meta.json                  epoch, iteration, step, the files written, and `meta` (the run's config)
+    meta.json                  epoch, iteration, step, the files written with their SHA-256 (`sha256`),
+                               and `meta` (the run's config)
 
-`save` writes everything into a hidden temporary folder beside the target and renames it into place, so a
-process killed mid-save never leaves a half-written folder under the final name. `mark_latest` then
-points the run's `latest` file at it (also by rename); `latest_checkpoint` falls back to the highest
-complete `step_*` folder when the pointer is missing or stale.
+`save` writes everything into a hidden temporary folder beside the target, fsyncs every file and the
+folder, and renames it into place, so a process killed mid-save never leaves a half-written folder under
+the final name. A full disk is reported as "no space left on device while writing FILE" (torch's own error
+names neither). `mark_latest` then points the run's `latest` file at it (also by rename);
+`latest_checkpoint` falls back to the highest complete `step_*` folder when the pointer is missing or
+stale; `prune_checkpoints` keeps a run's newest N step folders.
+
+`load` verifies every file against its recorded SHA-256 before reading it, so flipped bits are an error
+naming the file, never a silently different resume. Checkpoints written before hashes were recorded (no
+`sha256` in meta.json) still load, unverified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import hashlib
 import json
 import os
 import re
@@ -25,6 +35,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,7 +48,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 MODEL_CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
-_RESERVED_META = ("epoch", "iteration", "step", "saved_at", "files")
+_RESERVED_META = ("epoch", "iteration", "step", "saved_at", "files", "sha256")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -64,17 +75,19 @@ class Checkpoint:
         _remove_stale_temporaries(target.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            files = self._write_files(tmp)
+            files = self._write_files(tmp, target)
             meta = {
                 "epoch": self.epoch,
                 "iteration": self.iteration,
                 "step": self.step,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "files": files,
+                "sha256": {name: _sha256(tmp / name) for name in files},
                 **self.meta,
             }
-            _write_json(tmp / META_FILE, meta)
-            _fsync_dir(tmp)
+            with _writing(target / META_FILE):
+                _write_json(tmp / META_FILE, meta)
+            _fsync(tmp)
             if target.exists():  # overwriting: move the old folder aside first (rename onto a full dir fails)
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
                 os.replace(target, old / target.name)
@@ -82,28 +95,32 @@ class Checkpoint:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return target
 
-    def _write_files(self, folder: Path) -> list[str]:
+    def _write_files(self, folder: Path, target: Path) -> list[str]:
+        """Write every file but meta.json into `folder` (fsynced); returns their names. `target` is the
+        folder they will be renamed to, named in errors."""
         files = []
         weights_name = ADAPTER_WEIGHTS_FILE if self.adapter_config is not None else WEIGHTS_FILE
-        save_file(_unaliased(self.state_dict), str(folder / weights_name))
+        with _writing(target / weights_name):
+            save_file(_unaliased(self.state_dict), str(folder / weights_name))
+            _fsync(folder / weights_name)
         files.append(weights_name)
-        if self.adapter_config is not None:
-            _write_json(folder / ADAPTER_CONFIG_FILE, self.adapter_config)
-            files.append(ADAPTER_CONFIG_FILE)
-        if self.model_config is not None:
-            _write_json(folder / MODEL_CONFIG_FILE, self.model_config)
-            files.append(MODEL_CONFIG_FILE)
+        configs = [(ADAPTER_CONFIG_FILE, self.adapter_config), (MODEL_CONFIG_FILE, self.model_config)]
+        for name, config in configs:
+            if config is not None:
+                with _writing(target / name):
+                    _write_json(folder / name, config)
+                files.append(name)
         for key, value in self.extra.items():
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", key) or key == Path(META_FILE).stem:
                 raise ValueError(f"Checkpoint.extra key {key!r} is not usable as a file name")
             name = f"{key}.pt"
-            with open(folder / name, "wb") as f:
+            with _writing(target / name), open(folder / name, "wb") as f:
                 torch.save(value, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -112,7 +129,9 @@ class Checkpoint:
 
     @classmethod
     def load(cls, save_dir: str | Path) -> Checkpoint:
-        """Read a checkpoint folder; a missing or corrupt file raises `ValueError` naming it."""
+        """Read a checkpoint folder; a missing or corrupt file (one whose SHA-256 differs from the one in
+        meta.json) raises `ValueError` naming it. A checkpoint without recorded hashes (written before they
+        were) is read unverified."""
         folder = Path(save_dir)
         if not folder.is_dir():
             raise ValueError(f"checkpoint folder {folder} does not exist")
@@ -120,6 +139,11 @@ class Checkpoint:
         missing = [name for name in meta.get("files", []) if not (folder / name).is_file()]
         if missing:
             raise ValueError(f"checkpoint {folder} is incomplete: missing {[str(folder / m) for m in missing]}")
+        for name, digest in meta.pop("sha256", {}).items():
+            if _sha256(folder / name) != digest:
+                raise ValueError(
+                    f"checkpoint file {folder / name} is corrupt: its SHA-256 differs from the one in {META_FILE}"
+                )
         files = meta.pop("files", [])
         adapter = ADAPTER_WEIGHTS_FILE in files
         weights_path = folder / (ADAPTER_WEIGHTS_FILE if adapter else WEIGHTS_FILE)
@@ -158,7 +182,41 @@ def mark_latest(save_dir: str | Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, pointer)
-    _fsync_dir(folder.parent)
+    _fsync(folder.parent)
+
+
+def step_checkpoints(root: str | Path) -> list[Path]:
+    """The complete `step_*` checkpoint folders under `root`, oldest (lowest step) first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    steps = sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()
+    )
+    return [path for _, path in steps]
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` step folders under `root` (never the one `latest` points to);
+    returns the deleted folders."""
+    latest = latest_checkpoint(root)
+    old = [path for path in step_checkpoints(root)[:-keep] if path != latest]
+    for path in old:
+        shutil.rmtree(path)
+    return old
+
+
+def clear_checkpoints(root: str | Path) -> None:
+    """Delete every checkpoint of the run rooted at `root` (step folders, `latest`, half-written
+    temporaries); other files there, such as a log folder, are kept."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    _remove_stale_temporaries(root)
+    for path in root.iterdir():
+        if _STEP_DIR.match(path.name) and path.is_dir():
+            shutil.rmtree(path)
+    (root / LATEST_FILE).unlink(missing_ok=True)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -169,12 +227,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         candidate = root / pointer.read_text(encoding="utf-8").strip()
         if (candidate / META_FILE).is_file():
             return candidate
-    if not root.is_dir():
-        return None
-    steps = sorted(
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file()
-    )
-    return steps[-1][1] if steps else None
+    steps = step_checkpoints(root)
+    return steps[-1] if steps else None
 
 
 def _unaliased(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -207,6 +261,39 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Re-raise a full disk while writing `path` as one error that says so. torch reports it as an
+    `inline_container.cc` RuntimeError that carries no errno (writing to a path) or raised while Python's
+    ENOSPC was handled (writing to a file object), safetensors as an IoError, Python as ENOSPC."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        if not _disk_full(exc, path.parent.parent):
+            raise
+        raise OSError(errno.ENOSPC, f"no space left on device while writing {path}") from exc
+
+
+def _disk_full(exc: BaseException | None, folder: Path) -> bool:
+    """Whether `exc` (or one it was raised from or while handling) is ENOSPC, or the write failed on a file
+    system with no space left for this user."""
+    if shutil.disk_usage(folder).free == 0:
+        return True
+    while exc is not None:
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     # Values that are not JSON (a callable in extra_kwargs, say) are recorded by type name, not dropped.
     text = json.dumps(data, indent=2, default=lambda o: f"<{type(o).__name__}>")
@@ -216,7 +303,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (a folder's entries: the names of files created or renamed in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
