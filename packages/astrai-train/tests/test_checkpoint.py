@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from astrai.model import AutoModel
 import astrai.serialization.checkpoint as checkpoint_module
+from astrai.model import AutoModel
 from astrai.serialization import (
     Checkpoint,
     checkpoint_dir,
