@@ -375,6 +375,7 @@ def test_train_config_defaults():
     cfg = _train()
     assert cfg.n_epoch == 1 and cfg.batch_per_device == 4 and cfg.metrics == ["loss", "lr"]
     assert cfg.scheduler_fn is None and cfg.lora is None and cfg.master_port is None
+    assert cfg.keep_checkpoints is None and _train(keep_checkpoints=1).keep_checkpoints == 1
 
 
 def test_train_config_every_architecture_field_exists():
@@ -449,6 +450,8 @@ def test_train_config_required(field):
         (dict(scheduler_fn=3), "scheduler_fn"),
         (dict(nprocs=2), "parallel_mode"),
         (dict(batch_per_device="four"), "batch_per_device"),
+        (dict(keep_checkpoints=0), "keep_checkpoints"),
+        (dict(keep_checkpoints=2.5), "keep_checkpoints"),
     ],
 )
 def test_train_config_invalid(changes, field):

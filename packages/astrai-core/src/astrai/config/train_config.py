@@ -73,6 +73,7 @@ class TrainConfig(BaseConfig):
     start_batch: int = 0
     ckpt_dir: str = "./checkpoint"
     ckpt_interval: int = 5000  # optimizer steps between checkpoints; <= 0: only at the end
+    keep_checkpoints: int | None = None  # newest step folders kept under ckpt_dir (plus latest); None: all
     log_dir: str = "./checkpoint/logs"
     log_interval: int = 100
     metrics: list[str] = dataclasses.field(default_factory=lambda: ["loss", "lr"])
@@ -110,6 +111,12 @@ class TrainConfig(BaseConfig):
         for name in ("start_epoch", "start_batch", "num_workers", "random_seed"):
             if getattr(self, name) < 0:
                 _fail(name, getattr(self, name), "must be >= 0")
+        if self.keep_checkpoints is not None and (
+            isinstance(self.keep_checkpoints, bool)
+            or not isinstance(self.keep_checkpoints, int)
+            or self.keep_checkpoints < 1
+        ):
+            _fail("keep_checkpoints", self.keep_checkpoints, "must be an int >= 1 (or None to keep every checkpoint)")
         if self.prefetch_factor is not None:
             if self.prefetch_factor < 1:
                 _fail("prefetch_factor", self.prefetch_factor, "must be >= 1")
