@@ -35,8 +35,8 @@ def test_metric_log_appends_and_resume_drops_later_records(tmp_path: Path) -> No
         rank=0, step=2, tokens=0, epoch=0, iteration=2, loss=0.5, lr=0.1, val_loss=None, grad_norm=None, world_size=1
     )
     logger.on_train_begin(ctx)  # resuming at step 2: records 3 and 4 came after that checkpoint
-    ctx.step = 3
-    logger.on_step_end(ctx)
+    ctx.step, ctx.in_step = 3, False
+    logger.on_batch_end(ctx)  # the window's last micro-batch: a step boundary
     logger.on_train_end(ctx)
     records = read_metrics(log)
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -105,7 +105,9 @@ def test_gradient_clipping_records_the_norm() -> None:
 
 
 def test_validation_is_the_exact_mean_over_the_set(tmp_path: Path, make_lm, make_config, sft_dataset) -> None:
+    """Validation runs in `on_optimizer_step`: step 1's val_loss is of the weights its loss was computed with."""
     model = make_lm()
+    before_step = make_lm()
     cfg = make_config(
         tmp_path,
         model,
@@ -117,11 +119,13 @@ def test_validation_is_the_exact_mean_over_the_set(tmp_path: Path, make_lm, make
         metrics=["loss", "val_loss"],
     )
     Trainer(cfg).train()
-    logged = read_metrics(tmp_path / "logs" / "metrics.jsonl")[-1]["val_loss"]
+    record = read_metrics(tmp_path / "logs" / "metrics.jsonl")[-1]
+    logged = record["val_loss"]
     everything = {k: torch.stack([sft_dataset[i][k] for i in range(len(sft_dataset))]) for k in sft_dataset[0]}
     with torch.no_grad():
-        expected = SFTStrategy(model, "cpu").compute_loss(everything).item()
+        expected = SFTStrategy(before_step, "cpu").compute_loss(everything).item()
     assert logged == pytest.approx(expected, rel=1e-6)
+    assert record["step"] == 1 and logged == pytest.approx(record["loss"], rel=1e-6)  # same data, same weights
 
 
 def test_progress_bar_reports_loss(make_lm) -> None:

@@ -1,8 +1,14 @@
-"""`astrai train`: run files (YAML and JSON), resume, loss plots, and errors that name the key."""
+"""`astrai train`: run files (YAML and JSON), resume, overwrite, interruption by a signal, loss plots,
+and errors that name the key."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -125,6 +131,95 @@ def test_output_merges_lora_adapters(run_dir: Path, make_lm) -> None:
         assert not torch.allclose(merged(ids)["logits"], AutoModel.from_pretrained(run_dir / "base")(ids)["logits"])
 
 
+def test_existing_checkpoints_need_resume_or_overwrite(run_dir: Path, capsys) -> None:
+    run_file = _run_file(run_dir, train__ckpt_interval=1)
+    assert main(["train", "--config", str(run_file)]) == 0
+    old = sorted(p.name for p in (run_dir / "ckpt").iterdir())
+    assert len(old) == 9  # step_00000001 ... step_00000008 and latest
+    capsys.readouterr()
+    assert main(["train", "--config", str(run_file)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints (latest: step_00000008)" in err and "--resume" in err and "--overwrite" in err
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == old  # nothing touched
+    _run_file(run_dir, train__ckpt_interval=0)
+    assert main(["train", "--config", str(run_file), "--overwrite"]) == 0
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", "step_00000008"]
+    assert [r["step"] for r in read_metrics(run_dir / "logs" / "metrics.jsonl")] == list(range(1, 9))
+    with pytest.raises(SystemExit):  # one or the other
+        main(["train", "--config", str(run_file), "--overwrite", "--resume"])
+
+
+def test_keep_checkpoints_keeps_the_newest(run_dir: Path) -> None:
+    run_file = _run_file(run_dir, train__ckpt_interval=1, train__keep_checkpoints=2)
+    assert main(["train", "--config", str(run_file)]) == 0
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["latest", "step_00000007", "step_00000008"]
+
+
+def test_run_shorter_than_log_interval_logs_its_last_step_and_exports(run_dir: Path, capsys) -> None:
+    run_file = _run_file(run_dir, train__log_interval=100, output="model")
+    assert main(["train", "--config", str(run_file)]) == 0
+    assert [r["step"] for r in read_metrics(run_dir / "logs" / "metrics.jsonl")] == [8]
+    assert (run_dir / "logs" / "loss.png").is_file() and (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_a_failed_plot_is_a_warning_and_the_model_is_exported(run_dir: Path, capsys) -> None:
+    run_file = _run_file(run_dir, train__metrics=["lr"], output="model")  # no loss to draw
+    assert main(["train", "--config", str(run_file)]) == 0
+    assert "warning: no loss curve" in capsys.readouterr().err
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+# Runs `astrai train` and waits, after step 1, for the signal the test sends (then training goes on to the
+# next step boundary, where it stops).
+_PAUSED_TRAIN = """
+import sys
+import time
+
+from astrai.cli.main import main
+from astrai.trainer.trainer import Trainer
+
+class PauseAfterStep1:
+    def on_step_end(self, ctx):
+        if ctx.step == 1:
+            print("STEP 1", flush=True)
+            while not ctx.stop_requested:
+                time.sleep(0.01)
+
+defaults = Trainer._get_default_callbacks
+Trainer._get_default_callbacks = lambda self: defaults(self) + [PauseAfterStep1()]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_reports_and_exits_non_zero_without_export(run_dir: Path, signum: int, code: int) -> None:
+    run_file = _run_file(run_dir, output="model")
+    script = run_dir / "paused_train.py"
+    script.write_text(textwrap.dedent(_PAUSED_TRAIN))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "train", "--config", str(run_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "STEP 1"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code
+    name = signal.Signals(signum).name
+    assert f"training interrupted ({name}) at step 1; nothing exported" in err
+    assert f"checkpoint: {run_dir / 'ckpt' / 'step_00000001'}" in err
+    assert f"resume with: astrai train --config {run_file} --resume" in err
+    assert not (run_dir / "model").exists()
+    assert main(["train", "--config", str(run_file), "--resume"]) == 0  # the command it printed finishes it
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -144,6 +239,12 @@ def test_output_merges_lora_adapters(run_dir: Path, make_lm) -> None:
         ({"schedule": {"warmup_steps": 2}}, "schedule.type: missing"),
         ({"seed": -1}, "seed: must be an int"),
         ({"output": 5}, "output: must be a path string"),
+        ({"train__strategy": "ppo"}, "train.strategy='ppo': unknown strategy; known ['dpo', 'grpo', 'seq', 'sft']"),
+        ({"data__window_size": 64}, "dataset: window_size=64 exceeds the model's max_len=32"),
+        (
+            {"model": {"config": {**MODEL, "vocab_size": 100}}},
+            "dataset: store key 'sequence' holds token id 124, but the model's vocab_size is 100",
+        ),
     ],
 )
 def test_run_file_errors_name_the_key(run_dir: Path, capsys, changes, message: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from astrai.dataset import DatasetFactory, save_mmap
 from astrai.serialization import Checkpoint, latest_checkpoint
 from astrai.trainer import OptimizerFn, SchedulerFn, Trainer, read_metrics
+from astrai.trainer.trainer import rank_threads
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -101,9 +102,35 @@ def test_bad_config_and_data_errors(tmp_path: Path, make_lm, make_config, sft_da
         make_config(tmp_path, make_lm(), sft_dataset, nprocs=2)
     save_mmap(tmp_path / "seq", {"sequence": [make_text_tokens(200)]})
     seq_data = DatasetFactory.load("seq", tmp_path / "seq", window_size=8)
-    with pytest.raises(ValueError, match="loss_mask"):  # SFT strategy on pre-training data
-        Trainer(make_config(tmp_path, make_lm(), seq_data)).train()
+    with pytest.raises(ValueError, match="loss_mask"):  # SFT strategy on pre-training data (byte ids < 256)
+        Trainer(make_config(tmp_path, make_lm(vocab_size=256), seq_data)).train()
     with pytest.raises(ValueError, match="no module of the model"):
         Trainer(make_config(tmp_path, make_lm(), sft_dataset, gradient_checkpointing_modules=["Nope"])).train()
     with pytest.raises(ValueError, match="optimizer 'adamw' got unexpected argument"):
         OptimizerFn("adamw", learning_rate=1e-3)
+
+
+def test_data_that_does_not_fit_the_model_fails_before_training(
+    tmp_path: Path, make_lm, make_config, sft_dataset
+) -> None:
+    tokens = torch.arange(40) % 8
+    tokens[17] = 70  # beyond the vocabulary of 64
+    save_mmap(tmp_path / "big_ids", {"sequence": [tokens], "loss_mask": [torch.ones(40, dtype=torch.bool)]})
+    data = DatasetFactory.load("sft", tmp_path / "big_ids", window_size=8)
+    message = "val_dataset: store key 'sequence' holds token id 70, but the model's vocab_size is 64"
+    with pytest.raises(ValueError, match=message):
+        Trainer(make_config(tmp_path, make_lm(), sft_dataset, val_dataset=data)).train()
+    with pytest.raises(ValueError, match="dataset: window_size=8 exceeds the model's max_len=4"):
+        Trainer(make_config(tmp_path, make_lm(max_len=4), data)).train()
+    with pytest.raises(ValueError, match=message.removeprefix("val_")):
+        Trainer(make_config(tmp_path, make_lm(), data)).train()
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()  # nothing started
+
+
+def test_spawned_ranks_share_the_cores(monkeypatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert rank_threads(4, "spawn", {}) == 4
+    assert rank_threads(32, "spawn", {}) == 1
+    assert rank_threads(1, "spawn", {}) is None  # one process keeps torch's default
+    assert rank_threads(4, "spawn", {"OMP_NUM_THREADS": "2"}) is None  # the user's (or torchrun's) choice
+    assert rank_threads(4, "fork", {}) is None  # forked ranks run single-threaded (launch.py)

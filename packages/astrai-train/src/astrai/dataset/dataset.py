@@ -28,6 +28,7 @@ class BaseDataset(Dataset, ABC):
     """Items of one training type, read from a `Store` with the keys `required_keys`."""
 
     required_keys: ClassVar[tuple[str, ...]] = ()
+    token_keys: ClassVar[tuple[str, ...]] = ()  # the required keys that hold token ids (not masks, rewards)
     label_shift: ClassVar[int] = 0  # extra rows a window reads past its end (1 when labels are next tokens)
 
     def __init__(self, window_size: int, stride: int | None = None) -> None:

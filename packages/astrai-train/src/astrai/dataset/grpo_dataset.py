@@ -32,6 +32,7 @@ class GRPODataset(BaseDataset):
     """Offline GRPO data: prompts, G responses each, their masks and rewards."""
 
     required_keys = ("prompts", "responses", "masks", "rewards")
+    token_keys = ("prompts", "responses")
 
     def __init__(self, window_size: int, stride: int | None = None) -> None:
         super().__init__(window_size, stride)

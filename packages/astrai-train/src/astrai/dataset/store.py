@@ -64,6 +64,10 @@ class Store(ABC):
         """Shape of one row of `key`: `()` for a token stream, `(G, R)` for GRPO responses."""
         return tuple(self._data[key][0].shape[1:])
 
+    def max_value(self, key: str) -> int | float:
+        """The largest value `key` holds (one pass over its rows; file-backed stores read them once)."""
+        return max(segment[:].max().item() for segment in self._data[key])
+
     def fetch(
         self, begin: int, end: int, keys: str | Sequence[str] | None = None
     ) -> torch.Tensor | dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ class SEQDataset(BaseDataset):
     """Next-token prediction over the `sequence` stream."""
 
     required_keys = ("sequence",)
+    token_keys = ("sequence",)
     label_shift = 1
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -37,6 +38,7 @@ class SFTDataset(BaseDataset):
     """Next-token prediction trained only where `loss_mask` is set (e.g. on assistant turns)."""
 
     required_keys = ("sequence", "loss_mask")
+    token_keys = ("sequence",)
     label_shift = 1
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -51,6 +53,7 @@ class DPODataset(BaseDataset):
     """Preference pairs: chosen and rejected completions with masks over their completion tokens."""
 
     required_keys = ("chosen", "rejected", "chosen_mask", "rejected_mask")
+    token_keys = ("chosen", "rejected")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         begin, end = self._window(index)

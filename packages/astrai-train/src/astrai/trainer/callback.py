@@ -4,11 +4,16 @@ of their own.)
 
 Hook order within one optimizer step of the trainer:
 
-    on_batch_begin, on_batch_end           once per micro-batch of the accumulation window
-    on_optimizer_step                      gradients complete (and unscaled), before optimizer.step()
-    on_step_end                            after optimizer.step() and scheduler.step(); `context.step`
-                                           counts the step. Checkpoints and validation happen here,
-                                           at an optimizer-step boundary, never mid-window.
+    on_batch_begin, on_batch_end           once per micro-batch of the accumulation window, except that
+                                           the window's last on_batch_end comes after the optimizer step
+    on_optimizer_step                      gradients complete (and unscaled), before optimizer.step():
+                                           clipping, then validation (of the weights the step's loss
+                                           was computed with)
+    on_batch_end (the window's last)       after optimizer.step() and scheduler.step(): `context.in_step`
+                                           is False and `context.step` counts the step. Checkpoints and
+                                           metric records are taken here, at an optimizer-step
+                                           boundary, never mid-window.
+    on_step_end                            right after it, once per optimizer step
 
 plus on_train_begin / on_train_end, on_epoch_begin / on_epoch_end and on_error. A callback implements
 any subset; missing hooks are skipped.
@@ -157,15 +162,16 @@ class ProgressBarCallback:
 @CallbackFactory.register("validation")
 class ValidationCallback:
     """Every `val_step` optimizer steps: the exact mean loss over the whole validation set, summed over
-    ranks with SUM all-reduces (gloo has no AVG), stored in `context.val_loss`."""
+    ranks with SUM all-reduces (gloo has no AVG), stored in `context.val_loss`. It runs when step N's
+    gradients are complete, before its update: N's `val_loss` and training `loss` are of the same weights."""
 
     def __init__(self, val_step: int | None = None) -> None:
         self.val_step = val_step  # None: TrainConfig.val_step
 
-    def on_step_end(self, context: TrainContext) -> None:
+    def on_optimizer_step(self, context: TrainContext) -> None:
         val_step = context.config.val_step if self.val_step is None else self.val_step
-        if context.val_dataloader is None or val_step <= 0 or context.step % val_step:
-            return
+        if context.val_dataloader is None or val_step <= 0 or (context.step + 1) % val_step:
+            return  # context.step counts the steps before this one
         self._run_validation(context)
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
 """`CheckpointCallback`: saves the full training state every `interval` optimizer steps and at the end,
-and restores it when training resumes.
+keeps the newest `keep` checkpoints, and restores the state when training resumes.
 
 A checkpoint is only ever taken at an optimizer-step boundary (never with a half-accumulated window), so
 weights, optimizer, scheduler, sampler position and RNG all describe the same instant and a resumed run
@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from astrai.serialization import Checkpoint, checkpoint_dir, get_rng_state, mark_latest, set_rng_state
+from astrai.serialization import (
+    Checkpoint,
+    checkpoint_dir,
+    get_rng_state,
+    mark_latest,
+    prune_checkpoints,
+    set_rng_state,
+)
 from astrai.trainer.callback import CallbackFactory
 from astrai.trainer.context import model_config_dict
 from astrai.trainer.lora import has_lora, lora_state_dict
@@ -41,7 +48,8 @@ logger = logging.getLogger(__name__)
 @CallbackFactory.register("checkpoint")
 class CheckpointCallback:
     """Save to `save_dir/step_<N>` every `interval` optimizer steps (<= 0: only at the end of training)
-    and point `save_dir/latest` at it. `weight_only` saves weights and meta without training state."""
+    and point `save_dir/latest` at it; with `keep`, older step folders than the newest `keep` are deleted.
+    `weight_only` saves weights and meta without training state."""
 
     def __init__(
         self,
@@ -51,10 +59,12 @@ class CheckpointCallback:
         state_dict_fn: Callable[[nn.Module], dict[str, Any]] | None = None,
         save_extra_fn: Callable[[TrainContext], dict[str, Any]] | None = None,
         load_extra_fn: Callable[[dict[str, Any], TrainContext], None] | None = None,
+        keep: int | None = None,
     ) -> None:
         self.save_dir = save_dir
         self.interval = interval
         self.weight_only = weight_only
+        self.keep = keep
         self.state_dict_fn = state_dict_fn
         self.save_extra_fn = save_extra_fn or self.save_extra
         self.load_extra_fn = load_extra_fn or self.load_extra
@@ -92,6 +102,8 @@ class CheckpointCallback:
             )
             path = ckpt.save(checkpoint_dir(self.save_dir, context.step))
             mark_latest(path)
+            if self.keep is not None:
+                prune_checkpoints(self.save_dir, self.keep)
             context.checkpoint = ckpt
         if context.world_size > 1:
             dist.barrier()
@@ -151,8 +163,9 @@ class CheckpointCallback:
             self.load_extra_fn(context.checkpoint.extra, context)
         self.last_saved_step = context.step  # a resumed run does not re-save the step it resumed from
 
-    def on_step_end(self, context: TrainContext) -> None:
-        if self.interval > 0 and context.step % self.interval == 0:
+    def on_batch_end(self, context: TrainContext) -> None:
+        # Mid-window micro-batches are skipped; the window's last one ends at a step boundary.
+        if not context.in_step and self.interval > 0 and context.step % self.interval == 0:
             self._save_checkpoint(context)
 
     def on_train_end(self, context: TrainContext) -> None:

@@ -61,6 +61,7 @@ class TrainContext:
     device: torch.device = torch.device("cpu")
     run_config: dict[str, Any] | None = None  # the plain run-file values, stored with each checkpoint
     stop_requested: bool = False  # set by SIGTERM/SIGINT: stop at the next optimizer-step boundary
+    stop_signal: int | None = None  # the signal that requested the stop
     in_step: bool = False  # between the start of a window and its optimizer step: no checkpoint possible
     error: BaseException | None = None  # the exception that is ending training, if any
 

@@ -6,7 +6,7 @@ Each step is an `astrai` command a user can run by hand (the README's tour runs 
     astrai data corpus --kind text --output WORK/corpus.jsonl
     astrai data tokenizer --builtin-corpus --vocab-size V --output WORK/tokenizer
     astrai data build --kind text --input WORK/corpus.jsonl --tokenizer WORK/tokenizer --output WORK/data
-    astrai train --config WORK/run.yaml                  (writes the servable model to WORK/model)
+    astrai train --config WORK/run.yaml --overwrite      (writes the servable model to WORK/model)
     astrai generate --model WORK/model --prompt ...       (needs astrai-infer)
     astrai serve --model WORK/model --port P              (needs astrai-serve; one chat request is sent)
 
@@ -237,7 +237,8 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     print("\n== train", flush=True)
-    _cli(["train", "--config", str(_run_file(work, size))])
+    # --overwrite: --force replaced the folder, but a run re-started in it must never mix checkpoints.
+    _cli(["train", "--config", str(_run_file(work, size)), "--overwrite"])
     model = work / "model"
 
     if not _installed("astrai-infer"):

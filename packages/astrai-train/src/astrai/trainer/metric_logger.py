@@ -1,7 +1,10 @@
 """`MetricLoggerCallback`: one JSON line per logged optimizer step, appended to `log_dir/metrics.jsonl`.
 
 Records are appended and flushed every `save_interval` records, so logging costs O(1) per step however
-long the run (the original rewrote the whole history into each file). A resumed run first drops the
+long the run (the original rewrote the whole history into each file). The last step of a run is always
+logged, even off the `log_interval` grid (a run shorter than `log_interval`, or one stopped by a signal);
+there the grad_mean / grad_std / grad_max / grad_min / grad_nan_num statistics, computed only on
+`log_interval` steps, are null. A resumed run first drops the
 records after the step it resumed from (written by the interrupted run after its last checkpoint),
 so the log reads as one uninterrupted run.
 
@@ -98,6 +101,7 @@ class MetricLoggerCallback:
         self._unflushed = 0
         self._grad_stats: dict[str, float] = {}
         self._clock: tuple[float, int] = (0.0, 0)  # (time, tokens) at the last record
+        self._logged_step = 0  # the step of the last record (or of the checkpoint resumed from)
 
     @property
     def path(self) -> Path:
@@ -105,6 +109,7 @@ class MetricLoggerCallback:
 
     def on_train_begin(self, context: TrainContext) -> None:
         self._clock = (time.perf_counter(), context.tokens)
+        self._logged_step = context.step
         if context.rank != 0:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -117,12 +122,16 @@ class MetricLoggerCallback:
         if (context.step + 1) % self.log_interval == 0 and any(m in _GRAD_METRICS for m in self.metrics):
             self._grad_stats = gradient_statistics(context.model)
 
-    def on_step_end(self, context: TrainContext) -> None:
-        if context.step % self.log_interval:
-            return
+    def on_batch_end(self, context: TrainContext) -> None:
+        # Mid-window micro-batches are skipped; the window's last one ends at a step boundary.
+        if not context.in_step and context.step % self.log_interval == 0:
+            self._record(context)
+
+    def _record(self, context: TrainContext) -> None:
         now, tokens = time.perf_counter(), context.tokens
         rate = (tokens - self._clock[1]) * context.world_size / max(now - self._clock[0], 1e-9)
         self._clock = (now, tokens)
+        self._logged_step = context.step
         if self._file is None:
             return
         values = {
@@ -133,6 +142,7 @@ class MetricLoggerCallback:
             "tokens_per_sec": rate,
             **self._grad_stats,
         }
+        self._grad_stats = {}  # computed for this step only
         record = {
             "step": context.step,
             "epoch": context.epoch,
@@ -151,11 +161,15 @@ class MetricLoggerCallback:
             self._unflushed = 0
 
     def on_train_end(self, context: TrainContext) -> None:
+        if context.step != self._logged_step:  # the last step, off the log_interval grid
+            self._record(context)
+        self.on_error(context)
+
+    def on_error(self, context: TrainContext) -> None:
+        # Training failed: the log ends with the last completed record (on_train_end then writes nothing).
         if self._file is not None:
             self._file.close()
             self._file = None
-
-    on_error = on_train_end
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:

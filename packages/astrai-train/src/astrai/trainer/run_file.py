@@ -37,6 +37,7 @@ from astrai.config import ConfigFactory, TrainConfig
 from astrai.dataset import DatasetFactory
 from astrai.model import AutoModel
 from astrai.trainer.optimizer_fn import OptimizerFn, SchedulerFn
+from astrai.trainer.strategy import StrategyFactory
 
 RUN_KEYS = ("seed", "model", "tokenizer", "data", "optimizer", "schedule", "train", "output")
 MODEL_KEYS = ("config", "pretrained")
@@ -129,6 +130,10 @@ def build_train_config(run: dict[str, Any], base_dir: str | Path) -> TrainConfig
     unknown = sorted(set(train) - set(fields))
     if unknown:
         raise ValueError(f"train.{unknown[0]}: unknown TrainConfig field; known {fields}")
+    strategy = train.get("strategy")
+    if strategy is None or not StrategyFactory.is_registered(strategy):  # checked before any data is read
+        known = StrategyFactory.list_registered()
+        raise ValueError(f"train.strategy={strategy!r}: unknown strategy; known {known}")
     for key in PATH_FIELDS:
         if key in train:
             train[key] = str(run_path(base_dir, train[key], f"train.{key}"))

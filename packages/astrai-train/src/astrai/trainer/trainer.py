@@ -8,13 +8,20 @@ One optimizer step, as the loop below runs it:
    ranks' stop flags; a SIGTERM/SIGINT seen by any rank stops all of them here, at a step boundary;
 3. forward + backward each micro-batch with loss = its unit-loss sum / the global count (no-sync on all
    but the last, so gradients are reduced once per window);
-4. optimizer and scheduler step; callbacks see `on_step_end` (checkpoints, validation, logs).
+4. `on_optimizer_step` (clipping, validation), optimizer and scheduler step; then the window's last
+   `on_batch_end` (checkpoints, metric records: a step boundary) and `on_step_end`.
+
+`train()` returns a `TrainResult`: a run stopped by a signal says which, so a caller (`astrai train`) can
+report the interruption instead of treating the partial run as finished. Spawned CPU ranks share the
+machine's cores (one intra-op thread pool each), as torchrun's one thread per rank would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import multiprocessing
 import os
 import signal
 import threading
@@ -30,7 +37,31 @@ from astrai.parallel import spawn_parallel_fn
 from astrai.serialization import Checkpoint
 from astrai.trainer.callback import CallbackFactory, TrainCallback
 from astrai.trainer.context import TrainContext, TrainContextBuilder
+from astrai.trainer.data_check import check_data
 from astrai.trainer.strategy import batch_size
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """How `Trainer.train()` ended."""
+
+    step: int  # optimizer steps taken (counted from the start of training, resumes included)
+    # The signal (SIGINT / SIGTERM) that stopped training early at step `step`, after which a checkpoint was
+    # saved; None when training ran to its end. A rank stopped by another rank's signal reports SIGTERM.
+    stop_signal: int | None = None
+
+
+def rank_threads(world_size: int, start_method: str, environ: dict[str, str] | None = None) -> int | None:
+    """Intra-op threads for each of `world_size` spawned ranks: the cores this process may use, shared
+    (at least 1 each). None (leave torch's default) for one process, when OMP_NUM_THREADS is set (the
+    user's choice, or torchrun's), or with "fork" (the launcher runs forked ranks single-threaded)."""
+    environ = os.environ if environ is None else environ
+    if world_size == 1 or "OMP_NUM_THREADS" in environ or start_method == "fork":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // world_size)
 
 
 class Trainer:
@@ -51,8 +82,8 @@ class Trainer:
 
     def _get_default_callbacks(self) -> list[TrainCallback]:
         cfg = self.train_config
-        # Order is hook order: clipping records the norm before the logger reads it; validation runs
-        # before the step's record is written and before the checkpoint that follows it.
+        # Order is hook order: clipping records the norm before validation and the logger read the
+        # gradients; the step's record is written before the checkpoint that follows it.
         return [
             CallbackFactory.create("gradient_checkpointing", modules=cfg.gradient_checkpointing_modules),
             CallbackFactory.create("gradient_clipping", max_grad_norm=cfg.max_grad_norm),
@@ -60,15 +91,20 @@ class Trainer:
             CallbackFactory.create(
                 "metric_logger", log_dir=cfg.log_dir, log_interval=cfg.log_interval, metrics=cfg.metrics
             ),
-            CallbackFactory.create("checkpoint", save_dir=cfg.ckpt_dir, interval=cfg.ckpt_interval),
+            CallbackFactory.create(
+                "checkpoint", save_dir=cfg.ckpt_dir, interval=cfg.ckpt_interval, keep=cfg.keep_checkpoints
+            ),
             CallbackFactory.create("progress_bar", num_epoch=cfg.n_epoch),
         ]
 
-    def train(self, checkpoint: Checkpoint | str | Path | None = None) -> None:
+    def train(self, checkpoint: Checkpoint | str | Path | None = None) -> TrainResult:
         """Train from scratch, or resume from a `Checkpoint` or a checkpoint folder."""
         cfg = self.train_config
+        check_data(cfg.model, cfg.dataset, "dataset")
+        check_data(cfg.model, cfg.val_dataset, "val_dataset")
         world_size = cfg.nprocs
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: its world rules
+        under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if under_torchrun:  # its world rules
             world_size = int(os.environ["WORLD_SIZE"])
             if world_size > 1 and cfg.parallel_mode == "none":
                 raise ValueError(
@@ -80,22 +116,32 @@ class Trainer:
         backend = cfg.backend
         if backend == "auto":
             backend = "nccl" if device_type == "cuda" else "gloo"
-        spawn_parallel_fn(
-            self._trainer_loop,
-            world_size=world_size,
-            backend=backend,
-            master_addr=cfg.master_addr,
-            master_port=cfg.master_port,
-            device_type=device_type,
-            start_method=cfg.start_method,
-            checkpoint=checkpoint,
-        )
+        spawning = world_size > 1 and not under_torchrun
+        with _forward_signals_to_ranks() if spawning else contextlib.nullcontext():
+            results = spawn_parallel_fn(
+                self._trainer_loop,
+                world_size=world_size,
+                backend=backend,
+                master_addr=cfg.master_addr,
+                master_port=cfg.master_port,
+                device_type=device_type,
+                start_method=cfg.start_method,
+                checkpoint=checkpoint,
+                num_threads=rank_threads(world_size, cfg.start_method) if spawning else None,
+            )
+        stop_signal = next((r.stop_signal for r in results if r.stop_signal is not None), None)
+        return TrainResult(step=results[0].step, stop_signal=stop_signal)
 
-    def _trainer_loop(self, checkpoint: Checkpoint | str | Path | None = None) -> None:
+    def _trainer_loop(
+        self, checkpoint: Checkpoint | str | Path | None = None, num_threads: int | None = None
+    ) -> TrainResult:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         if isinstance(checkpoint, (str, Path)):
             checkpoint = Checkpoint.load(checkpoint)
         context = TrainContextBuilder(self.train_config, self.run_config).with_checkpoint(checkpoint).build()
         self._run(context)
+        return TrainResult(step=context.step, stop_signal=context.stop_signal)
 
     def _call(self, hook: str, context: TrainContext) -> None:
         for callback in self.callbacks:
@@ -145,12 +191,13 @@ class Trainer:
             units = shared[0]
             if shared[1].item():
                 context.stop_requested = True
+                context.stop_signal = context.stop_signal or signal.SIGTERM  # stopped by a peer's signal
                 return False
 
         context.in_step = True
         executor.gradient_state.begin_window(len(batches))
         step_loss = torch.zeros((), dtype=torch.float32, device=units.device)
-        for raw, batch in zip(window, batches):
+        for i, (raw, batch) in enumerate(zip(window, batches)):
             self._call("on_batch_begin", context)
             with executor.accumulate(context.model):
                 with precision.autocast():
@@ -160,7 +207,8 @@ class Trainer:
             context.iteration += 1
             context.samples_in_epoch += batch_size(raw)
             context.tokens += strategy.num_input_tokens(batch)
-            self._call("on_batch_end", context)
+            if i < len(batches) - 1:  # the window's last micro-batch ends after the optimizer step
+                self._call("on_batch_end", context)
         if context.world_size > 1:
             dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)
         context.loss = step_loss.item()
@@ -174,6 +222,7 @@ class Trainer:
         context.step += 1
         context.in_step = False
         strategy.step_end(context.step)
+        self._call("on_batch_end", context)  # at a step boundary: checkpoints and metric records
         self._call("on_step_end", context)
         return True
 
@@ -190,8 +239,31 @@ def _stop_on_signals(context: TrainContext) -> Iterator[None]:
         if context.stop_requested:
             raise KeyboardInterrupt
         context.stop_requested = True
+        context.stop_signal = signum
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _forward_signals_to_ranks() -> Iterator[None]:
+    """While this process waits for the ranks it spawned: pass a SIGTERM on to them (each stops at its next
+    step boundary and saves) and ignore SIGINT, which Ctrl-C delivers to the ranks themselves (the whole
+    foreground process group); a second copy would make them stop at once, unsaved."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum: int, frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
