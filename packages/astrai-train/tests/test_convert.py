@@ -167,7 +167,7 @@ def test_every_kind_loads_back_from_every_store(tok, tmp_path, store):
         else:
             first = out.data["sequence"][0]  # window = the first record; labels run one token past it
             assert item["input_ids"].tolist() == first.tolist()
-            assert item["labels"][:-1].tolist() == first[1:].tolist()
+            assert item["target_ids"][:-1].tolist() == first[1:].tolist()
             if kind == "sft":
                 assert item["loss_mask"][:-1].tolist() == out.data["loss_mask"][0][1:].tolist()
 

@@ -15,8 +15,8 @@ from astrai.tokenize import AutoTokenizer
 cli = importlib.import_module("astrai.cli.main")
 
 ITEM_KEYS = {
-    "text": {"input_ids", "labels"},
-    "sft": {"input_ids", "labels", "loss_mask"},
+    "text": {"input_ids", "target_ids"},
+    "sft": {"input_ids", "target_ids", "loss_mask"},
     "dpo": {"chosen", "rejected", "chosen_mask", "rejected_mask"},
     "grpo": {"prompt_ids", "prompt_mask", "response_ids", "response_mask", "rewards"},
 }

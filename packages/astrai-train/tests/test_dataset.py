@@ -25,8 +25,8 @@ def test_seq_windows_with_stride(tmp_path):
     for i, begin in enumerate([0, 5, 10]):
         item = ds[i]
         assert item["input_ids"].tolist() == list(range(100 + begin, 108 + begin))
-        assert item["labels"].tolist() == list(range(101 + begin, 109 + begin))
-        assert item["input_ids"].dtype == item["labels"].dtype == torch.int64
+        assert item["target_ids"].tolist() == list(range(101 + begin, 109 + begin))
+        assert item["input_ids"].dtype == item["target_ids"].dtype == torch.int64
     assert torch.equal(ds[-1]["input_ids"], ds[2]["input_ids"])
     for bad in (3, -4):
         with pytest.raises(IndexError, match=f"index {bad} out of range"):
@@ -38,10 +38,10 @@ def test_stride_defaults_to_window_and_ids_widen_to_int64(tmp_path):
     save_mmap(tmp_path, {"sequence": [torch.arange(20, dtype=torch.int32)]})
     ds = DatasetFactory.load("seq", tmp_path, window_size=8)
     assert ds.stride == 8 and len(ds) == 2  # 19 usable inputs: [0,8) and [8,16)
-    assert ds[1]["input_ids"].dtype == torch.int64 and ds[1]["labels"].tolist() == list(range(9, 17))
+    assert ds[1]["input_ids"].dtype == torch.int64 and ds[1]["target_ids"].tolist() == list(range(9, 17))
 
 
-def test_sft_loss_mask_is_aligned_with_labels(tmp_path):
+def test_sft_loss_mask_is_aligned_with_target_ids(tmp_path):
     sequence = torch.arange(10)
     mask = torch.tensor([0, 0, 0, 1, 1, 0, 0, 1, 1, 1], dtype=torch.uint8)
     save_h5(tmp_path, {"sequence": [sequence[:4], sequence[4:]], "loss_mask": [mask[:4], mask[4:]]})
@@ -49,7 +49,7 @@ def test_sft_loss_mask_is_aligned_with_labels(tmp_path):
     assert isinstance(ds, SFTDataset) and len(ds) == 2
     item = ds[1]  # rows [3, 7) plus the next token
     assert item["input_ids"].tolist() == [3, 4, 5, 6]
-    assert item["labels"].tolist() == [4, 5, 6, 7]
+    assert item["target_ids"].tolist() == [4, 5, 6, 7]
     assert item["loss_mask"].tolist() == [True, False, False, True]  # mask of each label token
 
 

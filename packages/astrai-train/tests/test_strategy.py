@@ -46,7 +46,7 @@ def _sft_batch(seed: int = 0, b: int = 4, t: int = 6) -> dict[str, torch.Tensor]
     mask[1] = False  # a row with nothing to train
     return {
         "input_ids": torch.randint(0, 64, (b, t), generator=g),
-        "labels": torch.randint(0, 64, (b, t), generator=g),
+        "target_ids": torch.randint(0, 64, (b, t), generator=g),
         "loss_mask": mask,
     }
 
@@ -57,8 +57,38 @@ def test_sft_is_the_exact_token_mean_with_label_smoothing(make_lm) -> None:
     strategy = StrategyFactory.create("sft", model, "cpu", label_smoothing=0.1)
     logits = model(batch["input_ids"])["logits"]
     mask = batch["loss_mask"]
-    expected = F.cross_entropy(logits[mask], batch["labels"][mask], label_smoothing=0.1)
+    expected = F.cross_entropy(logits[mask], batch["target_ids"][mask], label_smoothing=0.1)
     torch.testing.assert_close(strategy.compute_loss(batch), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("train_type", ["seq", "sft"])
+def test_hugging_face_labels_are_shifted_like_target_ids(make_lm, train_type: str) -> None:
+    """The same hand-computed loss from target_ids (ours: the next tokens) and from HF labels (the tokens
+    themselves, -100 = not trained): position t learns token t + 1, the last position nothing."""
+    model = make_lm()
+    ids = torch.tensor([[5, 9, 2, 7, 3], [1, 4, 4, 8, 6]])
+    trained = torch.tensor([[True, True, False, True, True], [False, True, True, True, True]])  # per token
+    logits = model(ids)["logits"].float()  # (B, T, V)
+    log_probs = torch.log_softmax(logits, -1)
+    terms = [-log_probs[b, t, ids[b, t + 1]] for b in range(2) for t in range(4) if trained[b, t + 1]]
+    expected = torch.stack(terms).mean()  # 7 trained next-token predictions
+
+    target_ids = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    target_ids[:, :-1][~trained[:, 1:]] = -100
+    ours = {"input_ids": ids, "target_ids": target_ids}
+    labels = torch.where(trained, ids, -100)
+    hf = {"input_ids": ids, "labels": labels}
+    if train_type == "sft":
+        ours["loss_mask"] = target_ids != -100
+    strategy = StrategyFactory.create(train_type, model, "cpu")
+    for batch in (ours, hf):
+        torch.testing.assert_close(strategy.compute_loss(batch), expected, rtol=1e-6, atol=1e-6)
+        assert strategy.count_units(strategy.prepare(batch)) == 7
+    if train_type == "sft":  # a loss_mask beside HF labels is aligned with the labels (and shifted with them)
+        hf_masked = {"input_ids": ids, "labels": ids, "loss_mask": trained}
+        torch.testing.assert_close(strategy.compute_loss(hf_masked), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="both target_ids .* and labels"):
+        strategy.compute_loss({**ours, "labels": labels})
 
 
 def test_fully_masked_batch_gives_zero_loss_and_gradient(make_lm) -> None:
@@ -89,11 +119,11 @@ def test_padding_mask_reaches_the_model(make_lm) -> None:
     model = make_lm()
     ids = torch.randint(0, 64, (1, 6))
     labels = torch.randint(0, 64, (1, 6))
-    plain = StrategyFactory.create("seq", model, "cpu").compute_loss({"input_ids": ids, "labels": labels})
+    plain = StrategyFactory.create("seq", model, "cpu").compute_loss({"input_ids": ids, "target_ids": labels})
     pad = torch.zeros(1, 3, dtype=torch.long)
     padded = {
         "input_ids": torch.cat([pad, ids], 1),
-        "labels": torch.cat([pad - 100, labels], 1),
+        "target_ids": torch.cat([pad - 100, labels], 1),
         "input_mask": torch.cat([pad.bool(), torch.ones(1, 6, dtype=torch.bool)], 1),
     }
     torch.testing.assert_close(StrategyFactory.create("seq", model, "cpu").compute_loss(padded), plain)
@@ -102,7 +132,7 @@ def test_padding_mask_reaches_the_model(make_lm) -> None:
 def test_moe_aux_loss_is_added(make_lm) -> None:
     model = make_lm(ffn_type="moe", n_routed_experts=4, n_activated_experts=2, aux_loss_coef=0.5)
     ids, labels = torch.randint(0, 64, (2, 6)), torch.randint(0, 64, (2, 6))
-    loss = StrategyFactory.create("seq", model, "cpu").compute_loss({"input_ids": ids, "labels": labels})
+    loss = StrategyFactory.create("seq", model, "cpu").compute_loss({"input_ids": ids, "target_ids": labels})
     logits = model(ids)["logits"]
     expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + model.aux_loss
     assert model.aux_loss.item() > 0
@@ -113,7 +143,7 @@ def test_missing_batch_key_and_bad_arguments(make_lm) -> None:
     model = make_lm()
     with pytest.raises(ValueError, match="loss_mask"):
         SFTStrategy(model, "cpu").compute_loss(
-            {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.zeros(1, 2, dtype=torch.long)}
+            {"input_ids": torch.zeros(1, 2, dtype=torch.long), "target_ids": torch.zeros(1, 2, dtype=torch.long)}
         )
     with pytest.raises(ValueError, match="beta"):
         StrategyFactory.create("dpo", model, "cpu", betta=0.1)

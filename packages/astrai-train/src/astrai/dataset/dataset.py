@@ -2,7 +2,7 @@
 
 The SEQ, SFT and DPO datasets cut windows of `window_size` rows out of the store's flat token stream,
 starting every `stride` rows (stride defaults to window_size: no overlap). Item `i` covers rows
-`[i * stride, i * stride + window_size)`, plus one more row for datasets whose labels are the next tokens
+`[i * stride, i * stride + window_size)`, plus one more row for datasets whose targets are the next tokens
 (`label_shift = 1`); the stream's tail that does not fill a window is not used. Windows run across
 document boundaries (stream packing). GRPO items are whole rows instead (see `grpo_dataset`).
 Indices out of range raise `IndexError`, so `len()` is exact and plain iteration stops.
@@ -29,7 +29,7 @@ class BaseDataset(Dataset, ABC):
 
     required_keys: ClassVar[tuple[str, ...]] = ()
     token_keys: ClassVar[tuple[str, ...]] = ()  # the required keys that hold token ids (not masks, rewards)
-    label_shift: ClassVar[int] = 0  # extra rows a window reads past its end (1 when labels are next tokens)
+    label_shift: ClassVar[int] = 0  # extra rows a window reads past its end (1 when targets are next tokens)
 
     def __init__(self, window_size: int, stride: int | None = None) -> None:
         stride = window_size if stride is None else stride

@@ -2,14 +2,15 @@
 
 Store keys and item keys (every item tensor has shape `(window_size,)`):
 
-| type | store keys                                          | item                                                    |
-|------|-----------------------------------------------------|---------------------------------------------------------|
-| seq  | sequence                                            | input_ids = seq[b:e], labels = seq[b+1:e+1] (int64)      |
-| sft  | sequence, loss_mask                                 | as seq, plus loss_mask = loss_mask[b+1:e+1] (bool)      |
-| dpo  | chosen, rejected, chosen_mask, rejected_mask        | the four over [b:e]: ids int64, masks bool              |
+| type | store keys                                   | item                                                     |
+|------|----------------------------------------------|----------------------------------------------------------|
+| seq  | sequence                                     | input_ids = seq[b:e], target_ids = seq[b+1:e+1] (int64)  |
+| sft  | sequence, loss_mask                          | as seq, plus loss_mask = loss_mask[b+1:e+1] (bool)       |
+| dpo  | chosen, rejected, chosen_mask, rejected_mask | the four over [b:e]: ids int64, masks bool               |
 
-`labels[t]` is the token that follows `input_ids[t]`; an SFT `loss_mask[t]` says whether `labels[t]` is
-trained on. DPO streams are aligned row by row: window `i` of `chosen` pairs with window `i` of `rejected`.
+`target_ids[t]` is the token that follows `input_ids[t]` (already shifted, as the original's datasets
+yielded it); an SFT `loss_mask[t]` says whether `target_ids[t]` is trained on. DPO streams are aligned
+row by row: window `i` of `chosen` pairs with window `i` of `rejected`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class SEQDataset(BaseDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         begin, end = self._window(index)
         tokens = self._store.fetch(begin, end + 1, "sequence").long()  # (window + 1,)
-        return {"input_ids": tokens[:-1], "labels": tokens[1:]}
+        return {"input_ids": tokens[:-1], "target_ids": tokens[1:]}
 
 
 @DatasetFactory.register("sft")
@@ -45,7 +46,7 @@ class SFTDataset(BaseDataset):
         begin, end = self._window(index)
         rows = self._store.fetch(begin, end + 1, self.required_keys)
         tokens = rows["sequence"].long()  # (window + 1,)
-        return {"input_ids": tokens[:-1], "labels": tokens[1:], "loss_mask": rows["loss_mask"][1:].bool()}
+        return {"input_ids": tokens[:-1], "target_ids": tokens[1:], "loss_mask": rows["loss_mask"][1:].bool()}
 
 
 @DatasetFactory.register("dpo")

@@ -9,6 +9,17 @@ the step's mean, so batch 8 x 1 micro-batch, 2 x 4 and 2 ranks x 2 x 2 give the 
 
 Batches are dicts of tensors as the datasets yield them (see `astrai.dataset`). An `input_mask` (B, T)
 in the batch (True = real token) is always handed to the model, which honours it.
+
+Token batches come in two conventions, told apart by their key:
+
+    target_ids  ours and the original's: already shifted, target_ids[t] is the token after input_ids[t]
+                (the datasets read one token past the window for it); an SFT `loss_mask` is aligned
+                with target_ids
+    labels      Hugging Face's: NOT shifted, labels[t] is the token at position t (== input_ids[t] where
+                trained, -100 where not); `prepare` shifts it into target_ids, so position t learns
+                labels[t + 1] and the last position learns nothing, as HF's causal-LM loss does. A
+                `loss_mask` beside labels is aligned with them and shifted too; SFT without one trains
+                where labels are not -100.
 """
 
 from __future__ import annotations
@@ -111,8 +122,9 @@ class StrategyFactory(BaseFactory[BaseStrategy]):
 
 @StrategyFactory.register("seq")
 class SEQStrategy(BaseStrategy):
-    """Next-token cross-entropy over every labelled token (pre-training). Batch: `input_ids` (B, T),
-    `labels` (B, T; IGNORE_INDEX = not trained), optional `input_mask` (B, T)."""
+    """Next-token cross-entropy over every target token (pre-training). Batch: `input_ids` (B, T) and
+    `target_ids` (B, T; the next tokens, IGNORE_INDEX = not trained) or Hugging Face `labels` (B, T; not
+    shifted), optional `input_mask` (B, T)."""
 
     def __init__(self, model: nn.Module, device: str | torch.device, label_smoothing: float = 0.0) -> None:
         super().__init__(model, device)
@@ -120,10 +132,27 @@ class SEQStrategy(BaseStrategy):
             raise ValueError(f"label_smoothing={label_smoothing!r}: must be in [0, 1)")
         self.label_smoothing = label_smoothing
 
+    def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch on `device`, Hugging Face `labels` shifted into `target_ids` (module docstring)."""
+        batch = super().prepare(batch)
+        if "labels" not in batch:
+            return batch
+        if "target_ids" in batch:
+            raise ValueError(
+                "the batch has both target_ids (the next tokens) and labels (Hugging Face: the tokens"
+                " themselves, shifted by the strategy); give one"
+            )
+        labels = batch.pop("labels")  # (B, T)
+        batch["target_ids"] = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        if "loss_mask" in batch:
+            mask = batch["loss_mask"]
+            batch["loss_mask"] = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+        return batch
+
     def _trained(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, T) bool: the positions whose label is trained."""
-        self._require(batch, "input_ids", "labels")
-        trained = batch["labels"] != IGNORE_INDEX
+        """(B, T) bool: the positions whose target is trained."""
+        self._require(batch, "input_ids", "target_ids")
+        trained = batch["target_ids"] != IGNORE_INDEX
         if "input_mask" in batch:
             trained = trained & batch["input_mask"].bool()
         return trained
@@ -134,7 +163,7 @@ class SEQStrategy(BaseStrategy):
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         trained = self._trained(batch)
         logits = model_logits(self.model, batch["input_ids"], batch.get("input_mask"))  # (B, T, V)
-        targets = torch.where(trained, batch["labels"], IGNORE_INDEX)
+        targets = torch.where(trained, batch["target_ids"], IGNORE_INDEX)
         total = F.cross_entropy(
             logits.flatten(0, 1).float(),
             targets.flatten(),
@@ -147,8 +176,16 @@ class SEQStrategy(BaseStrategy):
 
 @StrategyFactory.register("sft")
 class SFTStrategy(SEQStrategy):
-    """Supervised fine-tuning: next-token cross-entropy where `loss_mask` (B, T, aligned with `labels`)
-    is set, e.g. on assistant turns. A batch with nothing to train contributes 0."""
+    """Supervised fine-tuning: next-token cross-entropy where `loss_mask` (B, T, aligned with `target_ids`)
+    is set, e.g. on assistant turns. A batch with nothing to train contributes 0. A Hugging Face batch
+    (`labels`) needs no `loss_mask`: its -100 labels mark what is not trained."""
+
+    def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        masked_by_labels = "labels" in batch and "loss_mask" not in batch
+        batch = super().prepare(batch)
+        if masked_by_labels:
+            batch["loss_mask"] = batch["target_ids"] != IGNORE_INDEX
+        return batch
 
     def _trained(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self._require(batch, "loss_mask")
