@@ -113,6 +113,34 @@ def test_jsonl_reads_one_record_per_line_in_sorted_files(tmp_path):
     assert [len(s) for s in store._data["ids"]] == [3, 2, 1]  # one segment per record
 
 
+def test_a_json_document_is_a_list_of_records_or_a_dict_of_columns(tmp_path):
+    (tmp_path / "records.json").write_text('[{"ids": [1, 2, 3], "m": [1, 0, 1]},\n {"ids": [4], "m": [1]}]')
+    (tmp_path / "columns.json").write_text('{\n  "ids": [[1, 2, 3], [4]],\n  "m": [[1, 0, 1], [1]]\n}')
+    (tmp_path / "lines.json").write_text('{"ids": [1, 2, 3], "m": [1, 0, 1]}\n{"ids": [4], "m": [1]}\n')
+    for name in ("records.json", "columns.json", "lines.json"):
+        store = JSONStore().load(tmp_path / name)
+        assert store.fetch(0, 4, "ids").tolist() == [1, 2, 3, 4] and store.fetch(0, 4, "m").tolist() == [1, 0, 1, 1]
+        assert [len(s) for s in store._data["ids"]] == [3, 1]  # one segment per record
+        assert StoreFactory.detect(tmp_path / name) == "json"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"ids": [[1], [2]], "m": [[1]]}', r"bad\.json: columns have different lengths"),
+        ('{"ids": 3}', r"bad\.json: a dict of columns needs a list per key"),
+        ("[1, 2]", r"bad\.json\[0\]: a record must be a non-empty JSON object"),
+        ('"text"', r"bad\.json: must hold a list of records or a dict of columns"),
+        ('[{"ids": [1]}, {"x": [1]}]', r"bad\.json\[1\]: record keys \['x'\] differ"),
+        ("[{", r"bad\.json: not a JSON document"),
+    ],
+)
+def test_json_document_errors_name_the_file(tmp_path, text, message):
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        JSONStore().load(tmp_path / "bad.json")
+
+
 def test_jsonl_text_is_tokenised_with_the_tokenizer(tmp_path):
     class ByteTokenizer:
         def encode(self, text):

@@ -1,10 +1,18 @@
-"""`JSONStore` and its writer `save_jsonl`: JSON Lines, one record per line.
+"""`JSONStore` and its writer `save_jsonl`: JSON Lines (one record per line) or one JSON document.
 
 Every record is an object with the same keys; each value becomes one segment of its key. A value is a
 list of numbers (token ids, mask flags, rewards), a nested rectangular list (rows of a multi-dimensional
 key, e.g. `[[p0, p1, ...]]` for one GRPO prompt row), or a string of text, which is tokenised at load
 time with the tokenizer given to `load`. A folder is read file by file in sorted path order (`*.jsonl`
 below it); a single `.jsonl` or `.json` file may be named directly. The data is held in RAM.
+
+A `.json` file holds one JSON document, in either layout:
+
+    [{"sequence": [1, 2, 3]}, {"sequence": [4, 5]}]          a list of records
+    {"sequence": [[1, 2, 3], [4, 5]]}                         a dict of columns (the original's save_json):
+                                                              element i of every column is record i
+
+(a `.json` file that is not one document, but one record per line, is read as JSON Lines).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ class JSONStore(Store):
         encode = _encoder(tokenizer)
         raw: dict[str, list[Segment]] = {}
         for file in files:
-            for where, record in read_jsonl(file):
+            for where, record in read_json_document(file) if file.suffix == ".json" else read_jsonl(file):
                 if raw and set(record) != set(raw):
                     raise ValueError(f"{where}: record keys {sorted(record)} differ from {sorted(raw)}")
                 for key, value in record.items():
@@ -64,6 +72,34 @@ def read_jsonl(file: Path) -> Iterable[tuple[str, dict[str, Any]]]:
             if not isinstance(record, dict) or not record:
                 raise ValueError(f"{where}: a record must be a non-empty JSON object, got {type(record).__name__}")
             yield where, record
+
+
+def read_json_document(file: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+    """The records of a `.json` file: a list of records or a dict of equally long columns (JSON Lines
+    when the file is not one document)."""
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # more than one document: one record per line
+            yield from read_jsonl(file)
+            return
+        raise ValueError(f"{file}: not a JSON document ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(document, dict):
+        columns = document
+        bad = sorted(key for key, column in columns.items() if not isinstance(column, list))
+        if not columns or bad:
+            raise ValueError(f"{file}: a dict of columns needs a list per key (one element per record); bad: {bad}")
+        lengths = {key: len(column) for key, column in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{file}: columns have different lengths (records): {lengths}")
+        document = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    if not isinstance(document, list):
+        raise ValueError(f"{file}: must hold a list of records or a dict of columns, got {type(document).__name__}")
+    for index, record in enumerate(document):
+        where = f"{file}[{index}]"
+        if not isinstance(record, dict) or not record:
+            raise ValueError(f"{where}: a record must be a non-empty JSON object, got {type(record).__name__}")
+        yield where, record
 
 
 def _encoder(tokenizer: Any) -> Callable[[str], list[int]] | None:
