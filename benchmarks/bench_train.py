@@ -87,7 +87,7 @@ def plain_loop(
     for _ in range(steps):
         batch = next(batches)
         ids = batch["input_ids"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
+        labels = batch["target_ids"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(ids)["logits"]
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
