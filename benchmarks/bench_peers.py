@@ -56,7 +56,7 @@ def weights_read(hf: dict) -> tuple[int, int]:
     return trunk + v * d, trunk  # the LM head is read by a generated token only
 
 
-def engines(folder: Path, gguf: Path | None) -> dict[str, list[str] | str]:
+def engines(gguf: Path | None) -> dict[str, list[str] | str]:
     """Engine name -> command prefix, or a line saying why it is skipped."""
     found: dict[str, list[str] | str] = {"astrai": [sys.executable, str(RUNNER), "astrai"]}
     found["hf"] = [sys.executable, str(RUNNER), "hf"]
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 limits = {"b1": bw / (n_read * bits / 8), "ttft_cold": 2 * n_prompt * 528 / flops * 1e3,
                           "ttft_cached": 2 * n_prompt * 16 / flops * 1e3}  # fmt: skip
                 results: dict[str, dict] = {}
-                for name, command in engines(folder, convert(folder, MODELS[model]["vocab_size"], dtype)).items():
+                for name, command in engines(convert(folder, MODELS[model]["vocab_size"], dtype)).items():
                     outcome = command if isinstance(command, str) else run_engine(command, folder, dtype, spec, args)
                     if isinstance(outcome, str):
                         print(f"{name}: skipped, {outcome}", flush=True)
