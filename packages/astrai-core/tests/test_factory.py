@@ -1,6 +1,6 @@
 import pytest
 
-from astrai.factory import BaseFactory, Registry, check_arguments, factory_for_kind, known_names
+from astrai.factory import BaseFactory, Registry, RegistryEntry, check_arguments, factory_for_kind, known_names
 
 
 def test_registry_register_get_contains():
@@ -160,3 +160,10 @@ def test_check_arguments_on_functions_and_builtins():
     with pytest.raises(ValueError, match=r"f got unexpected argument\(s\) \['c'\]"):
         check_arguments(f, (1,), {"c": 2}, what="f")
     check_arguments(print, (1, 2), {}, what="print")  # no exception: signature may be unavailable
+
+
+def test_registry_register_takes_the_documented_keywords():
+    """Architecture document: `Registry.register(name, component_cls, category, priority)`."""
+    reg = Registry("widget")
+    reg.register(name="w", component_cls=int, category="num", priority=3)
+    assert reg.get_entry("w") == RegistryEntry(int, "num", 3)

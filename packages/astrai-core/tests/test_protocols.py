@@ -1,3 +1,7 @@
+import inspect
+
+import pytest
+
 from astrai.protocols import KVCacheView, OptimizerProtocol, SchedulerProtocol
 
 
@@ -58,3 +62,10 @@ def test_structural_mismatches():
     assert not isinstance(Sched(), OptimizerProtocol)  # no zero_grad / param_groups
     assert not isinstance(Optim(), SchedulerProtocol)  # no get_last_lr
     assert not isinstance(Optim(), KVCacheView)
+
+
+@pytest.mark.parametrize("protocol", [OptimizerProtocol, SchedulerProtocol])
+def test_load_state_dict_takes_d_positionally(protocol):
+    """Architecture document: `load_state_dict(d)`; positional-only, so torch's `state_dict` name matches too."""
+    (_, d) = inspect.signature(protocol.load_state_dict).parameters.values()
+    assert (d.name, d.kind) == ("d", inspect.Parameter.POSITIONAL_ONLY)

@@ -22,7 +22,8 @@ class Registry:
         self.kind = kind  # used in error messages only, e.g. "strategy"
         self._entries: dict[str, RegistryEntry] = {}
 
-    def register(self, name: str, component: Any, category: str | None = None, priority: int = 0) -> None:
+    def register(self, name: str, component_cls: Any, category: str | None = None, priority: int = 0) -> None:
+        """Add `component_cls` under `name`; `category` and `priority` are metadata for the `list_by_*` views."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -30,7 +31,7 @@ class Registry:
         if name in self._entries:
             existing = self._entries[name].component
             raise ValueError(f"{self.kind} {name!r} is already registered (by {_qualname(existing)})")
-        self._entries[name] = RegistryEntry(component, category, priority)
+        self._entries[name] = RegistryEntry(component_cls, category, priority)
 
     def get(self, name: str) -> Any:
         return self.get_entry(name).component

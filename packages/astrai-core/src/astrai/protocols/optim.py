@@ -1,4 +1,8 @@
-"""Optimizer and LR-scheduler protocols, met by torch's classes and by the gradient-accumulation wrappers."""
+"""Optimizer and LR-scheduler protocols, met by torch's classes and by the gradient-accumulation wrappers.
+
+`load_state_dict(d)` takes its state positionally (the architecture document's name `d`, positional-only), so
+torch's `load_state_dict(state_dict)` and any wrapper's own parameter name meet the protocol alike.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ class OptimizerProtocol(Protocol):
 
     def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+    def load_state_dict(self, d: dict[str, Any], /) -> None: ...
 
 
 @runtime_checkable
@@ -25,6 +29,6 @@ class SchedulerProtocol(Protocol):
 
     def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+    def load_state_dict(self, d: dict[str, Any], /) -> None: ...
 
     def get_last_lr(self) -> list[float]: ...
