@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from datetime import datetime
 
 import pytest
@@ -9,6 +12,7 @@ from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from astrai.tokenize import ChatTemplate
+from astrai.tokenize.chat_template import render_time_limit
 
 CHATML = (
     "{% for message in messages %}"
@@ -130,3 +134,40 @@ def test_bad_templates_fail_at_construction():
         ChatTemplate("{% for message in messages %}")
     with pytest.raises(TypeError, match="template_str must be a str, got int"):
         ChatTemplate(3)
+
+
+LOOPS_FOR_EVER = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}done"
+
+
+def test_render_time_limit_stops_a_template_that_loops_for_ever():
+    template = ChatTemplate(LOOPS_FOR_EVER)
+    started = time.monotonic()
+    with render_time_limit(0.3), pytest.raises(TemplateError, match="did not finish rendering within 0.3 s"):
+        template.render([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - started < 2
+
+
+def test_render_time_limit_leaves_renders_unchanged_and_restores_the_tracer():
+    template = ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    messages = [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "世界"}]
+    tracer = sys.gettrace()
+    with render_time_limit(5):
+        limited = template.render(messages)
+        assert sys.gettrace() is tracer
+    assert limited == template.render(messages) == "<user>héllo<assistant>世界"
+    with pytest.raises(ValueError, match="render time limit must be > 0"):
+        with render_time_limit(0):
+            pass
+
+
+def test_render_time_limit_is_per_thread():
+    """A limit set in one thread does not bound renders in another (the server sets it per worker call)."""
+    template = ChatTemplate("{% for i in range(20000) %}{{ i % 2 }}{% endfor %}")
+    results = []
+    with render_time_limit(1e-9):
+        worker = threading.Thread(target=lambda: results.append(len(template.render([]))))
+        worker.start()
+        worker.join()
+        with pytest.raises(TemplateError):
+            template.render([])
+    assert results == [20000]

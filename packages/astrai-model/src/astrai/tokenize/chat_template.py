@@ -11,13 +11,23 @@ text, the globals `raise_exception(message)` and `strftime_now(format)`, the var
 `add_generation_prompt`, `tools`, `documents` (plus whatever the caller passes, e.g. `bos_token`), and
 `{% generation %}...{% endgeneration %}` blocks (rendered as their body). Messages whose `content` is a
 list of `{"type": "text", "text": ...}` parts are flattened to one string before rendering.
+
+The sandbox stops attribute walks, not loops: `{% for i in range(100000) %}{% for j in range(100000) %}`
+is a legal template that never finishes. A server renders client messages with templates it did not write,
+so `render_time_limit(seconds)` bounds every render in its block (in the calling thread): past the limit
+the render stops with a `TemplateError`. The limit is enforced by a line tracer on the rendering frames,
+which a loop cannot escape; without a limit nothing is traced and rendering runs at full speed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Mapping, Sequence
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -77,6 +87,39 @@ def _compile(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+_limits = threading.local()  # .seconds: the render time limit of this thread, or None
+
+
+@contextlib.contextmanager
+def render_time_limit(seconds: float | None) -> Iterator[None]:
+    """Within the block, `ChatTemplate.render` in this thread fails with `TemplateError` after `seconds`."""
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"render time limit must be > 0 seconds or None, got {seconds!r}")
+    previous = getattr(_limits, "seconds", None)
+    _limits.seconds = seconds
+    try:
+        yield
+    finally:
+        _limits.seconds = previous
+
+
+def _render_within(template: jinja2.Template, seconds: float, variables: dict[str, Any]) -> str:
+    """`template.render(**variables)`, stopped with `TemplateError` once it has run for `seconds`."""
+    deadline = time.monotonic() + seconds
+
+    def on_line(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise TemplateError(f"the chat template did not finish rendering within {seconds:g} s")
+        return on_line
+
+    previous = sys.gettrace()  # a debugger's or coverage's tracer comes back afterwards
+    sys.settrace(lambda frame, event, arg: on_line)  # line events for every frame the render enters
+    try:
+        return template.render(**variables)
+    finally:
+        sys.settrace(previous)
+
+
 def _normalize_message(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
     """A plain dict without None values (OpenAI sends `content: null` on tool calls) and with string content."""
     if not isinstance(message, Mapping) or "role" not in message:
@@ -128,4 +171,7 @@ class ChatTemplate:
                 raise ValueError("system_prompt was given but messages[0] is already a system message")
             chat.insert(0, {"role": "system", "content": system_prompt})
         variables = {"add_generation_prompt": False, "tools": None, "documents": None, **extra_variables}
-        return self.compiled.render(messages=chat, **variables)
+        limit = getattr(_limits, "seconds", None)
+        if limit is None:
+            return self.compiled.render(messages=chat, **variables)
+        return _render_within(self.compiled, limit, {"messages": chat, **variables})
