@@ -41,6 +41,16 @@ def test_stride_defaults_to_window_and_ids_widen_to_int64(tmp_path):
     assert ds[1]["input_ids"].dtype == torch.int64 and ds[1]["target_ids"].tolist() == list(range(9, 17))
 
 
+def test_factory_create_takes_the_documented_arguments(tmp_path):
+    save_mmap(tmp_path, {"sequence": [torch.arange(30)], "loss_mask": [torch.ones(30, dtype=torch.bool)]})
+    ds = DatasetFactory.create(train_type="sft", window_size=8, stride=4)
+    assert isinstance(ds, SFTDataset) and (ds.window_size, ds.stride, ds.storage) == (8, 4, None)
+    assert len(ds.load(tmp_path)) == 6 and ds[5]["input_ids"].tolist() == list(range(20, 28))
+    assert DatasetFactory.create("seq", 8).stride == 8  # stride defaults to the window
+    with pytest.raises(ValueError, match="unknown dataset 'lm'"):
+        DatasetFactory.create(train_type="lm", window_size=8)
+
+
 def test_sft_loss_mask_is_aligned_with_target_ids(tmp_path):
     sequence = torch.arange(10)
     mask = torch.tensor([0, 0, 0, 1, 1, 0, 0, 1, 1, 1], dtype=torch.uint8)

@@ -227,6 +227,16 @@ def test_detect_rejects_empty_missing_unknown_and_ambiguous_paths(tmp_path):
         StoreFactory.create("bin")
 
 
+@pytest.mark.parametrize("kind", ["h5", "json", "mmap"])
+def test_store_factory_create_by_storage_type(tmp_path, kind):
+    path = write(kind, tmp_path / kind, {"sequence": SEQUENCE})
+    store = StoreFactory.create(storage_type=kind)  # the architecture document's keyword
+    assert type(store) is {"h5": H5Store, "json": JSONStore, "mmap": MmapStore}[kind] and len(store) == 0
+    assert store.load(path).fetch(3, 9, "sequence").tolist() == list(range(3, 9))
+    with pytest.raises(ValueError, match="unexpected argument"):
+        StoreFactory.create(kind, compression="gzip")  # a misspelt or unknown keyword is an error
+
+
 @pytest.mark.parametrize("kind", ["h5", "mmap"])
 def test_file_backed_stores_pickle_as_their_path(tmp_path, kind):
     data = {"sequence": [torch.arange(50_000)]}

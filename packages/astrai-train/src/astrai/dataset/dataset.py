@@ -97,6 +97,14 @@ class DatasetFactory(BaseFactory[BaseDataset]):
     base_class = BaseDataset
 
     @classmethod
+    def create(  # type: ignore[override]
+        cls, train_type: str, window_size: int, stride: int | None = None, *args: Any, **kwargs: Any
+    ) -> BaseDataset:
+        """An empty dataset of `train_type` ("seq", "sft", "dpo", "grpo" or a registered name) cutting windows
+        of `window_size` rows every `stride` rows (default: window_size); `load` gives it data."""
+        return super().create(train_type, window_size, stride, *args, **kwargs)
+
+    @classmethod
     def load(
         cls,
         train_type: str,

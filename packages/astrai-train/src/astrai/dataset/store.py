@@ -143,6 +143,11 @@ class StoreFactory(BaseFactory[Store]):
     base_class = Store
 
     @classmethod
+    def create(cls, storage_type: str, *args: Any, **kwargs: Any) -> Store:  # type: ignore[override]
+        """An empty store of `storage_type` ("h5", "json", "mmap" or a registered name); `load` fills it."""
+        return super().create(storage_type, *args, **kwargs)
+
+    @classmethod
     def detect(cls, path: str | Path) -> str:
         """The name of the one registered store that can load `path`; ValueError naming the path otherwise."""
         path = Path(path)
