@@ -158,9 +158,9 @@ def test_rmsnorm_matches_transformers(dtype):
 
 def test_mlp_is_swiglu(lm_config):
     torch.manual_seed(0)
-    mlp = FFNFactory.create("mlp", lm_config(), 0)
+    mlp = FFNFactory.from_config("mlp", lm_config())
     assert isinstance(mlp, MLP) and mlp.up.weight.shape == (96, 64)
-    assert MLP(lm_config(), 0, dim_ffn=40).down.weight.shape == (64, 40)
+    assert MLP(64, 40).down.weight.shape == (64, 40)
     x = torch.randn(2, 3, 64)
     expected = F.linear(F.silu(F.linear(x, mlp.gate.weight)) * F.linear(x, mlp.up.weight), mlp.down.weight)
     assert torch.allclose(mlp(x), expected, atol=1e-6)
@@ -170,8 +170,26 @@ def test_factories_reject_unknown_names_and_arguments(lm_config):
     assert isinstance(AttnFactory.create("gqa", lm_config(), 3), GQA)
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         AttnFactory.create("flash", lm_config(), 0)
-    with pytest.raises(ValueError, match=r"unexpected argument\(s\) \['dim'\]"):
-        FFNFactory.create("mlp", lm_config(), 0, dim=4)
+    with pytest.raises(ValueError, match=r"unexpected argument\(s\) \['n_experts'\]"):
+        FFNFactory.create("mlp", 64, 96, n_experts=4)
+
+
+def test_factories_take_the_documented_arguments(lm_config):
+    """Architecture document: `AttnFactory.create(attn_type, **kwargs)`, `FFNFactory.create(ffn_type, dim, dim_ffn,
+    **kwargs)`."""
+    attn = AttnFactory.create(attn_type="gqa", config=lm_config(), layer_id=2)
+    assert isinstance(attn, GQA) and attn.layer_id == 2
+    mlp = FFNFactory.create(ffn_type="mlp", dim=64, dim_ffn=40)
+    assert isinstance(mlp, MLP) and mlp.gate.weight.shape == (40, 64)
+    moe = FFNFactory.create("moe", 64, 16, n_routed_experts=4, n_activated_experts=1, norm_topk_prob=True)
+    assert (moe.dim, moe.n_routed_experts, moe.n_shared_experts, moe.n_activated_experts) == (64, 4, 1, 1)
+    assert moe.routed_experts[3].down.weight.shape == (64, 16) and moe.norm_topk_prob
+
+
+def test_embedding_forward_takes_x():
+    embedding = Embedding(10, 4)
+    ids = torch.tensor([[1, 7]])
+    assert torch.equal(embedding(x=ids), embedding.weight[ids])
 
 
 def naive_attention(q, k, v, allowed):

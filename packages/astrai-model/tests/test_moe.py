@@ -35,7 +35,7 @@ def ours_from_hf(block: nn.Module, converter, cfg: AutoRegressiveLMConfig) -> De
     """Our MoE with the HF block's weights, converted by the checkpoint converter under test."""
     hf_names = {f"model.layers.0.mlp.{k}": v for k, v in block.state_dict().items()}
     ours = converter.state_dict_from_hf(hf_names, cfg)
-    moe = DeepSeekMoE(cfg, layer_id=0)
+    moe = FFNFactory.from_config("moe", cfg)
     moe.load_state_dict({k.removeprefix("layers.0.mlp."): v for k, v in ours.items()}, strict=True)
     return moe.eval()
 
@@ -97,7 +97,7 @@ def test_group_limited_routing_stays_in_best_groups():
     cfg = AutoRegressiveLMConfig(
         **OURS, n_routed_experts=8, n_activated_experts=2, topk_method="group_limited_greedy", n_group=4, topk_group=1
     )
-    moe = DeepSeekMoE(cfg, 0)
+    moe = FFNFactory.from_config("moe", cfg)
     with torch.no_grad():
         moe.router.weight.copy_(torch.randn(8, DIM))
     _, _, experts = moe.route(torch.randn(50, DIM))
@@ -125,14 +125,14 @@ def test_grouped_dispatch_equals_per_token_loop(norm_topk_prob):
         **OURS, n_routed_experts=8, n_activated_experts=2, n_shared_experts=1, dim_ffn_expert=16,
         norm_topk_prob=norm_topk_prob, routed_scaling_factor=1.5,
     )  # fmt: skip
-    moe = randomise(FFNFactory.create("moe", cfg, 0)).eval()
+    moe = randomise(FFNFactory.from_config("moe", cfg)).eval()
     x = tokens()
     torch.testing.assert_close(moe(x), naive_moe(moe, x), atol=1e-5, rtol=0)
 
 
 def test_unused_experts_are_skipped():
     cfg = AutoRegressiveLMConfig(**OURS, n_routed_experts=8, n_activated_experts=1)
-    moe = randomise(DeepSeekMoE(cfg, 0)).eval()
+    moe = randomise(FFNFactory.from_config("moe", cfg)).eval()
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[5] = 1.0  # expert 5 wins for every token with a positive channel sum
@@ -142,7 +142,7 @@ def test_unused_experts_are_skipped():
 
 def test_aux_loss_matches_transformers_and_trains_the_router():
     cfg = AutoRegressiveLMConfig(**OURS, n_routed_experts=8, n_activated_experts=2, aux_loss_coef=0.01)
-    moe = randomise(DeepSeekMoE(cfg, 0)).train()
+    moe = randomise(FFNFactory.from_config("moe", cfg)).train()
     x = tokens()
     moe(x)
     logits = x.view(-1, DIM) @ moe.router.weight.T
@@ -157,7 +157,7 @@ def test_aux_loss_matches_transformers_and_trains_the_router():
 def test_aux_loss_balanced_routing_equals_top_k():
     # Uniform probabilities and each expert picked by the same number of tokens: E * sum(K/E * 1/E) = K.
     cfg = AutoRegressiveLMConfig(**OURS, n_routed_experts=4, n_activated_experts=2, aux_loss_coef=1.0)
-    moe = DeepSeekMoE(cfg, 0).train()
+    moe = FFNFactory.from_config("moe", cfg).train()
     probs = torch.full((4, 4), 0.25)
     experts = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3]])
     assert moe.balance_loss(probs, experts).item() == 2.0
@@ -165,11 +165,11 @@ def test_aux_loss_balanced_routing_equals_top_k():
 
 def test_aux_loss_zero_coefficient_and_eval():
     cfg = AutoRegressiveLMConfig(**OURS, n_routed_experts=8, n_activated_experts=2, aux_loss_coef=0.0)
-    moe = randomise(DeepSeekMoE(cfg, 0)).train()
+    moe = randomise(FFNFactory.from_config("moe", cfg)).train()
     moe(tokens())
     assert moe.aux_loss.item() == 0.0 and moe.aux_loss.requires_grad
     cfg = AutoRegressiveLMConfig(**OURS, n_routed_experts=8, n_activated_experts=2, aux_loss_coef=0.5)
-    moe = randomise(DeepSeekMoE(cfg, 0)).eval()
+    moe = randomise(FFNFactory.from_config("moe", cfg)).eval()
     moe(tokens())
     assert moe.aux_loss.item() == 0.0 and not moe.aux_loss.requires_grad
 
@@ -178,7 +178,7 @@ def test_noaux_tc_probs_are_normalised_sigmoid():
     cfg = AutoRegressiveLMConfig(
         **OURS, n_routed_experts=8, n_activated_experts=2, topk_method="noaux_tc", n_group=2, topk_group=1
     )
-    moe = randomise(DeepSeekMoE(cfg, 0))
+    moe = randomise(FFNFactory.from_config("moe", cfg))
     x = torch.randn(5, DIM)
     probs, weights, _ = moe.route(x)
     sig = torch.sigmoid(x @ moe.router.weight.T)
@@ -188,7 +188,7 @@ def test_noaux_tc_probs_are_normalised_sigmoid():
 
 def test_bf16_forward_keeps_dtype():
     cfg = AutoRegressiveLMConfig(**OURS, n_routed_experts=4, n_activated_experts=2, n_shared_experts=1)
-    moe = randomise(DeepSeekMoE(cfg, 0)).to(torch.bfloat16).eval()
+    moe = randomise(FFNFactory.from_config("moe", cfg)).to(torch.bfloat16).eval()
     assert moe(tokens().bfloat16()).dtype == torch.bfloat16
 
 

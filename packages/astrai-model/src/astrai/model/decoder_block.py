@@ -27,9 +27,9 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.input_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = AttnFactory.create(attn_type, config, layer_id)
+        self.attention = AttnFactory.create(attn_type, config=config, layer_id=layer_id)
         self.post_attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = FFNFactory.create(ffn_type, config, layer_id)
+        self.mlp = FFNFactory.from_config(ffn_type, config)
 
     def forward(
         self,

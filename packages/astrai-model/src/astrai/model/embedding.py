@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from astrai.model.linear import INIT_STD
 
@@ -15,3 +15,7 @@ class Embedding(nn.Embedding):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=INIT_STD)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (...) token ids -> (..., dim)."""
+        return super().forward(x)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from astrai.config import AutoRegressiveLMConfig, EncoderConfig
 from astrai.model.factories import FFNFactory
 from astrai.model.linear import Linear, fused_linear
 from astrai.model.native import fused
@@ -13,16 +12,13 @@ from astrai.model.native import fused
 
 @FFNFactory.register("mlp")
 class MLP(nn.Module):
-    """Gated feed-forward block with hidden size `dim_ffn` (default `config.dim_ffn`; MoE experts pass theirs)."""
+    """Gated feed-forward block, `dim` -> `dim_ffn` hidden channels -> `dim` (MoE experts use it too)."""
 
-    def __init__(
-        self, config: AutoRegressiveLMConfig | EncoderConfig, layer_id: int, dim_ffn: int | None = None
-    ) -> None:
+    def __init__(self, dim: int, dim_ffn: int) -> None:
         super().__init__()
-        hidden = dim_ffn or config.dim_ffn
-        self.gate = Linear(config.dim, hidden)
-        self.up = Linear(config.dim, hidden)
-        self.down = Linear(hidden, config.dim)
+        self.gate = Linear(dim, dim_ffn)
+        self.up = Linear(dim, dim_ffn)
+        self.down = Linear(dim_ffn, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, dim) -> (B, T, dim)."""

@@ -26,10 +26,13 @@ for perfectly balanced routing. In eval mode `aux_loss` is a zero tensor.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from astrai.config import AutoRegressiveLMConfig
 from astrai.model.factories import FFNFactory
 from astrai.model.linear import Linear
 from astrai.model.mlp import MLP
@@ -37,30 +40,60 @@ from astrai.model.mlp import MLP
 
 @FFNFactory.register("moe")
 class DeepSeekMoE(nn.Module):
-    """Shared + routed experts; built by `FFNFactory` from an `AutoRegressiveLMConfig` with ffn_type "moe"."""
+    """Shared + routed experts of `dim_ffn` hidden channels each; `FFNFactory.from_config("moe", config)` builds
+    it from an `AutoRegressiveLMConfig` (fields of the same names; the experts' size is `dim_ffn_expert`)."""
 
-    def __init__(self, config, layer_id: int):
+    def __init__(
+        self,
+        dim: int,
+        dim_ffn: int,
+        n_routed_experts: int,
+        n_shared_experts: int = 1,
+        n_activated_experts: int = 2,
+        topk_method: str = "greedy",
+        *,
+        norm_topk_prob: bool = False,
+        routed_scaling_factor: float = 1.0,
+        n_group: int | None = None,
+        topk_group: int | None = None,
+        aux_loss_coef: float = 0.001,
+    ) -> None:
         super().__init__()
-        self.layer_id = layer_id
-        self.dim = config.dim
-        self.n_routed_experts = config.n_routed_experts
-        self.n_shared_experts = config.n_shared_experts
-        self.n_activated_experts = config.n_activated_experts
-        self.topk_method = config.topk_method
-        self.norm_topk_prob = config.norm_topk_prob
-        self.routed_scaling_factor = config.routed_scaling_factor
-        self.n_group = config.n_group
-        self.topk_group = config.topk_group
-        self.aux_loss_coef = config.aux_loss_coef
-        hidden = config.dim_ffn_expert or config.dim_ffn
+        self.dim = dim
+        self.n_routed_experts = n_routed_experts
+        self.n_shared_experts = n_shared_experts
+        self.n_activated_experts = n_activated_experts
+        self.topk_method = topk_method
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.aux_loss_coef = aux_loss_coef
 
-        self.router = Linear(self.dim, self.n_routed_experts)  # (E, D) logits
-        if self.topk_method == "noaux_tc":
+        self.router = Linear(dim, n_routed_experts)  # (E, D) logits
+        if topk_method == "noaux_tc":
             # Per-expert selection bias of DeepSeek's auxiliary-loss-free balancing; part of the checkpoint.
-            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_routed_experts, dtype=torch.float32))
-        self.shared_experts = nn.ModuleList(MLP(config, layer_id, dim_ffn=hidden) for _ in range(self.n_shared_experts))
-        self.routed_experts = nn.ModuleList(MLP(config, layer_id, dim_ffn=hidden) for _ in range(self.n_routed_experts))
+            self.register_buffer("e_score_correction_bias", torch.zeros(n_routed_experts, dtype=torch.float32))
+        self.shared_experts = nn.ModuleList(MLP(dim, dim_ffn) for _ in range(n_shared_experts))
+        self.routed_experts = nn.ModuleList(MLP(dim, dim_ffn) for _ in range(n_routed_experts))
         self.aux_loss: Tensor | None = None
+
+    @staticmethod
+    def config_kwargs(config: AutoRegressiveLMConfig) -> dict[str, Any]:
+        """This block's arguments as an `AutoRegressiveLMConfig` sets them (used by `FFNFactory.from_config`)."""
+        return {
+            "dim": config.dim,
+            "dim_ffn": config.dim_ffn_expert or config.dim_ffn,
+            "n_routed_experts": config.n_routed_experts,
+            "n_shared_experts": config.n_shared_experts,
+            "n_activated_experts": config.n_activated_experts,
+            "topk_method": config.topk_method,
+            "norm_topk_prob": config.norm_topk_prob,
+            "routed_scaling_factor": config.routed_scaling_factor,
+            "n_group": config.n_group,
+            "topk_group": config.topk_group,
+            "aux_loss_coef": config.aux_loss_coef,
+        }
 
     def reset_parameters(self) -> None:
         if self.topk_method == "noaux_tc":
