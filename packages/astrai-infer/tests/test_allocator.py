@@ -15,6 +15,17 @@ def test_alloc_hands_out_lowest_free_page_with_one_reference():
     alloc.check_invariants()
 
 
+def test_free_mask_has_a_bit_per_free_page():
+    alloc = Allocator(5)
+    assert alloc._free_mask == 0b11111  # bit i set: page i is free (the architecture document's int mask)
+    pages = [alloc.alloc() for _ in range(3)]
+    assert alloc._free_mask == 0b11000 and alloc.free_pages() == [3, 4]
+    alloc.free(pages[1])
+    alloc.free(pages[2], keep_cached=True)  # cached, not free
+    assert alloc._free_mask == 0b11010 and alloc.num_free == 3 and alloc.alloc() == 1
+    alloc.check_invariants()
+
+
 def test_free_keep_cached_puts_page_in_lru_and_inc_ref_revives_it():
     alloc = Allocator(3)
     page = alloc.alloc()

@@ -19,7 +19,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 def _state(cache):
     alloc = cache._pool._alloc
-    return list(alloc._refs), sorted(alloc._free), list(alloc._lru), len(cache._pool._prefix)
+    return list(alloc._refs), alloc.free_pages(), list(alloc._lru), len(cache._pool._prefix)
 
 
 def test_entry_shapes_follow_the_attention_type():
@@ -182,6 +182,39 @@ def test_view_write_gather_round_trip_matches_contiguous_reference(config, devic
                 assert torch.equal(got_v[b, : lengths[b]].cpu(), want_v)
                 # Past a row's length: the scratch page (padding lands there), finite for attention's mask.
                 assert torch.isfinite(got_k[b, lengths[b] :]).all() and torch.isfinite(got_v[b, lengths[b] :]).all()
+    cache.check_invariants()
+
+
+def test_bind_with_total_len_only_writes_each_row_up_to_it():
+    # The architecture document's form, bind(page_table, total_len): every row writes the step's whole width.
+    cache = KVCache(1, 8, 4, (1,), (1,))
+    for task in ("a", "b"):
+        assert cache.task_alloc(task, [1, 2, 3, 4, 5])
+    table = cache.make_table_tensor(["a", "b"])
+    prompt = torch.arange(10, dtype=torch.float32).view(2, 5, 1)
+    view = cache.bind(table, 5)
+    view.write(0, prompt, -prompt)
+    assert view.seq_lens.tolist() == [5, 5] and view.start_pos.tolist() == [0, 0]
+    assert torch.equal(view.gather(0)[0], prompt)
+    for task in ("a", "b"):
+        assert cache.task_extend(task, 5)
+    step = torch.tensor([[[100.0]], [[200.0]]])
+    view = cache.bind(cache.make_table_tensor(["a", "b"]), torch.tensor([6, 6]))  # one token each, at position 5
+    with pytest.raises(RuntimeError, match="first write"):
+        _ = view.start_pos
+    view.write(0, step, step)
+    keys, values = view.gather(0)
+    assert torch.equal(keys, torch.cat([prompt, step], dim=1)) and torch.equal(values[:, 5], step[:, 0])
+    assert view.start_pos.tolist() == [5, 5]
+
+
+def test_record_hashes_takes_prompt_ids_by_name():
+    cache = KVCache(1, 8, 4, (1,), (1,))
+    assert cache.task_alloc("a", list(range(9)))
+    cache.task_record_hashes("a", prompt_ids=list(range(9)), start_logical_page=1)  # page 0 is not indexed
+    assert cache.task_alloc("b", list(range(9))) and cache.task_cached("b") == 0
+    cache.task_record_hashes(task_id="a", prompt_ids=list(range(9)))
+    assert cache.task_alloc("c", list(range(9))) and cache.task_cached("c") == 8
     cache.check_invariants()
 
 

@@ -18,6 +18,16 @@ def test_defaults_and_derived_counts():
     assert task.arrival_time <= task.first_token_time
 
 
+def test_usage_counters_are_settable_attributes():
+    task = Task("t", [5, 6, 7], output_ids=[8])
+    assert (task.input_tokens, task.output_tokens) == (3, 1)
+    task.input_tokens = 2  # a loop of one's own keeps the counters (e.g. prompt tokens after truncation)
+    task.output_tokens = 0
+    task.append_token(9)
+    assert (task.input_tokens, task.output_tokens, task.output_ids) == (2, 1, [8, 9])
+    assert task.next_pos == 0 and task.all_ids == [5, 6, 7, 8, 9]  # progress follows the ids, not the counters
+
+
 def test_stop_reason_by_stop_token_then_length():
     task = Task("t", [1], max_tokens=3, stop_token_ids={7})
     assert task.stop_reason() is None and not task.is_finished()

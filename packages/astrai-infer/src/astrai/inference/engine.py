@@ -282,7 +282,7 @@ def _batch_pieces(result: GenerateResult, handles: list[RequestHandle], as_text:
     try:
         while True:
             result.wait()
-            events = result.pop_all()
+            events = result.pop_events()
             if not events and result.done:
                 return
             for idx, event in events:

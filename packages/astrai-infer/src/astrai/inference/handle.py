@@ -91,25 +91,34 @@ class RequestHandle:
 
 
 class GenerateResult:
-    """Collects the events of `count` requests, by index, from the loop thread; readers wait on it.
+    """Collects the output of `count` requests, by index, from the loop thread; readers wait on it.
 
     `results[i]` is request i's text so far, `token_ids[i]` its token ids, `finish_reasons[i]` its finish
-    reason once done. `tokens` lists the `(index, event)` pairs not yet taken by `pop_all()`.
+    reason once done. `tokens` lists the `(index, text piece)` pairs not yet taken by `pop_all()` (or, with
+    the whole events, by `pop_events()`: both take from the same queue).
     """
 
     def __init__(self, count: int = 1):
-        self.tokens: list[tuple[int, GenerationEvent]] = []
         self.results: list[str] = [""] * count
         self.token_ids: list[list[int]] = [[] for _ in range(count)]
         self.finish_reasons: list[str | None] = [None] * count
         self.errors: list[str | None] = [None] * count
+        self._events: list[tuple[int, GenerationEvent]] = []  # not yet taken; guarded by _cond
         self._done = [False] * count
         self._cond = threading.Condition()
 
-    def append(self, token: GenerationEvent, idx: int = 0) -> None:
-        """Record request `idx`'s next event (called by the inference loop)."""
+    @property
+    def tokens(self) -> list[tuple[int, str]]:
+        """The `(index, text piece)` pairs not yet taken (events that carry no text are left out)."""
         with self._cond:
-            self.tokens.append((idx, token))
+            return _pieces(self._events)
+
+    def append(self, token: GenerationEvent | str, idx: int = 0) -> None:
+        """Record request `idx`'s next event (called by the inference loop), or a bare text piece of it."""
+        if isinstance(token, str):
+            token = GenerationEvent(token, [], False, None, None, 0, 0, 0)
+        with self._cond:
+            self._events.append((idx, token))
             self.results[idx] += token.text
             self.token_ids[idx] += token.token_ids
             if token.finished:
@@ -118,16 +127,20 @@ class GenerateResult:
                 self.errors[idx] = token.error
             self._cond.notify_all()
 
-    def pop_all(self) -> list[tuple[int, GenerationEvent]]:
-        """Take every event recorded since the last call."""
+    def pop_all(self) -> list[tuple[int, str]]:
+        """Take every `(index, text piece)` recorded since the last take."""
+        return _pieces(self.pop_events())
+
+    def pop_events(self) -> list[tuple[int, GenerationEvent]]:
+        """Take every `(index, event)` recorded since the last take (token ids, final events, errors)."""
         with self._cond:
-            events, self.tokens = self.tokens, []
+            events, self._events = self._events, []
         return events
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until an event is pending or every request is done; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.tokens or all(self._done), timeout)
+            return self._cond.wait_for(lambda: self._events or all(self._done), timeout)
 
     def wait_completion(self, timeout: float | None = None) -> None:
         """Wait until every request has finished; TimeoutError past `timeout` seconds."""
@@ -143,3 +156,7 @@ class GenerateResult:
     def get_results(self) -> list[str]:
         with self._cond:
             return list(self.results)
+
+
+def _pieces(events: list[tuple[int, GenerationEvent]]) -> list[tuple[int, str]]:
+    return [(idx, event.text) for idx, event in events if event.text]

@@ -454,7 +454,7 @@ class InferenceScheduler:
 
 def _pending(task: Task) -> int:
     """Tokens of the task's sequence not yet in the cache (1 for a decoding task: its last sampled token)."""
-    return task.input_tokens + task.output_tokens - task.next_pos
+    return len(task.prompt_ids) + len(task.output_ids) - task.next_pos
 
 
 def _padding_groups(tasks: list[Task], lens: list[int]) -> list[tuple[list[Task], list[int]]]:

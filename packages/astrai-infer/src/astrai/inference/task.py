@@ -48,6 +48,10 @@ class Task:
 
     status: TaskStatus = TaskStatus.PENDING
     output_ids: list[int] = dataclasses.field(default_factory=list)
+    # Usage counters, reported to clients: len(prompt_ids) and len(output_ids) from construction, `append_token`
+    # counts each generated token. Plain attributes, so a loop of one's own may keep them itself.
+    input_tokens: int = dataclasses.field(default=0, init=False)
+    output_tokens: int = dataclasses.field(default=0, init=False)
     next_pos: int = 0  # positions whose KV is in the cache: the next token fed to the model goes here
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)  # time.monotonic() seconds
@@ -87,14 +91,9 @@ class Task:
             if not (_is_int(token) and token >= 0):
                 raise ValueError(f"logit_bias key {token!r}: must be a non-negative token id")
             _check_number(f"logit_bias[{token}]", bias, -100.0, 100.0)
-
-    @property
-    def input_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def output_tokens(self) -> int:
-        return len(self.output_ids)
+        self.output_ids = list(self.output_ids)
+        self.input_tokens = len(self.prompt_ids)
+        self.output_tokens = len(self.output_ids)
 
     @property
     def all_ids(self) -> list[int]:
@@ -110,10 +109,11 @@ class Task:
         self._cancelled = True
 
     def append_token(self, token_id: int) -> None:
-        """Record a generated token (and the time of the first one)."""
+        """Record a generated token (counted in `output_tokens`) and the time of the first one."""
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         self.output_ids.append(token_id)
+        self.output_tokens += 1
 
     def stop_reason(self, stop_ids: Collection[int] = ()) -> str | None:
         """Why the task should stop now, or None.

@@ -15,7 +15,6 @@ Not thread-safe: the inference loop owns the cache and is the only caller.
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -29,15 +28,15 @@ class Allocator:
         self.num_pages = num_pages
         self.on_evict = on_evict
         self._refs = [0] * num_pages
-        # Min-heap of free page ids, so allocation order is deterministic (lowest id first).
-        self._free = list(range(num_pages))
-        self._is_free = [True] * num_pages
+        # Bit i set: page i is free. The lowest set bit is the next page handed out, so allocation order is
+        # deterministic (lowest id first); a Python int does this in a few word operations per call.
+        self._free_mask = (1 << num_pages) - 1
         # Cached pages with ref 0, least recently used first; values unused.
         self._lru: OrderedDict[int, None] = OrderedDict()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._free_mask.bit_count()
 
     @property
     def num_cached(self) -> int:
@@ -57,9 +56,10 @@ class Allocator:
 
     def alloc(self) -> int:
         """A page with reference count 1: the lowest free page, else the least recently used cached page."""
-        if self._free:
-            idx = heapq.heappop(self._free)
-            self._is_free[idx] = False
+        if self._free_mask:
+            lowest = self._free_mask & -self._free_mask
+            idx = lowest.bit_length() - 1
+            self._free_mask ^= lowest
         elif self._lru:
             idx, _ = self._lru.popitem(last=False)
             if self.on_evict is not None:
@@ -82,7 +82,7 @@ class Allocator:
 
     def inc_ref(self, idx: int) -> None:
         """Add a reference to an in-use page, or revive a cached page (it leaves the LRU)."""
-        if self._is_free[idx]:
+        if self._free_mask >> idx & 1:
             raise RuntimeError(f"page {idx} is free: it holds nothing to share")
         self._lru.pop(idx, None)
         self._refs[idx] += 1
@@ -103,18 +103,20 @@ class Allocator:
 
     def check_invariants(self) -> None:
         """Raise AssertionError unless free, cached and in-use pages partition the pool consistently."""
-        free = set(self._free)
+        free = set(self.free_pages())
         cached = set(self._lru)
         in_use = {i for i, r in enumerate(self._refs) if r > 0}
-        _check(len(free) == len(self._free), "a page is listed twice in the free heap")
-        _check(free == {i for i, f in enumerate(self._is_free) if f}, "free heap and free flags disagree")
+        _check(self._free_mask >> self.num_pages == 0, "the free mask marks pages past the pool")
         _check(not free & cached and not free & in_use and not cached & in_use, "a page is in two states")
         _check(len(free) + len(cached) + len(in_use) == self.num_pages, "a page is in no state")
         _check(all(r >= 0 for r in self._refs), "negative reference count")
 
+    def free_pages(self) -> list[int]:
+        """The free pages, lowest first."""
+        return [i for i in range(self.num_pages) if self._free_mask >> i & 1]
+
     def _release(self, idx: int) -> None:
-        heapq.heappush(self._free, idx)
-        self._is_free[idx] = True
+        self._free_mask |= 1 << idx
 
 
 def _check(condition: bool, message: str) -> None:

@@ -127,23 +127,29 @@ class KVCache:
     def task_pages(self, task_id: str) -> list[int]:
         return self._table.get(task_id)
 
-    def task_record_hashes(self, task_id: str, token_ids: Sequence[int], start_logical_page: int = 0) -> None:
-        """Index the task's full pages of `token_ids` (prompt, and generated tokens if wanted) from
+    def task_record_hashes(self, task_id: str, prompt_ids: Sequence[int], start_logical_page: int = 0) -> None:
+        """Index the task's full pages of `prompt_ids` (the prompt, and generated tokens if wanted) from
         `start_logical_page` on, so later tasks can reuse them. Call it once the KV of those tokens is written.
 
         Costs one walk over `token_ids`, so calling it after every prefill chunk is fine. Pages whose prefix
         another page already holds are not indexed (the other page serves it).
         """
-        self._pool.record_pages(self._table.get_ref(task_id), token_ids, start_logical_page)
+        self._pool.record_pages(self._table.get_ref(task_id), prompt_ids, start_logical_page)
 
     def make_table_tensor(self, task_ids: Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
         """int64 (B, max_pages) page tables of `task_ids`, right-padded with -1 (default: the cache's device)."""
         return self._table.table_tensor(task_ids, self._storage.device if device is None else device)
 
     def bind(
-        self, page_table: torch.Tensor, total_len: torch.Tensor, new_lens: torch.Tensor, max_len: int | None = None
+        self,
+        page_table: torch.Tensor,
+        total_len: torch.Tensor | int,
+        new_lens: torch.Tensor | None = None,
+        max_len: int | None = None,
     ) -> KvcacheView:
-        """A view for one step: row b ends at `total_len[b]` after writing `new_lens[b]` new entries.
+        """A view for one step: row b ends at `total_len[b]` (one int: every row) after writing `new_lens[b]`
+        new entries (None: every row writes the whole width T of the step's `k` and `v`, so they end at
+        `total_len`, as a batch of equal rows does).
 
         The page tables must cover every row's positions (see `bind_tasks` for a checked version); `max_len`
         is max(total_len) when known.

@@ -46,19 +46,23 @@ class KvcacheView:
         self,
         storage: Storage,
         page_table: torch.Tensor,
-        total_len: torch.Tensor,
-        new_lens: torch.Tensor,
+        total_len: torch.Tensor | int,
+        new_lens: torch.Tensor | None = None,
         max_len: int | None = None,
         packed_rows: Sequence[tuple[int, int]] | None = None,
     ):
-        # page_table: (B, P) int64, -1 past each row's pages; total_len, new_lens: (B,) int64;
+        # page_table: (B, P) int64, -1 past each row's pages; total_len: (B,) int64, or one int for every row;
+        # new_lens: (B,) int64, or None: every row writes the step's whole width T (known at the first write);
         # max_len: max(total_len) if the caller knows it (spares a device-to-host sync);
         # packed_rows: (first position, new tokens) of every row for a packed step, None for a padded one.
+        if not isinstance(total_len, torch.Tensor):
+            max_len = total_len if max_len is None else max_len
+            total_len = torch.full((page_table.shape[0],), total_len, dtype=torch.int64, device=page_table.device)
         self._storage = storage
         self._page_table = page_table
         self._total_len = total_len
         self._new_lens = new_lens
-        self._start = total_len - new_lens  # (B,) first position written this step
+        self._start = None if new_lens is None else total_len - new_lens  # (B,) first position written this step
         self._max_len = max_len
         self._read_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # k and v row indices, on first gather
         self._write_slots: torch.Tensor | None = None  # (B, T), set by the first write of a padded step
@@ -78,6 +82,8 @@ class KvcacheView:
     @property
     def start_pos(self) -> torch.Tensor:
         """(B,) absolute position of each row's first new entry this step."""
+        if self._start is None:
+            raise RuntimeError("bound without new_lens: the first write gives the step's width, and its start")
         return self._start
 
     def write(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -87,6 +93,9 @@ class KvcacheView:
             self._storage.write_slots(layer_id, self._packed.slots, k[0], v[0])
             return
         steps = k.shape[1]
+        if self._new_lens is None:  # bound without new_lens: each row brings the step's whole width
+            self._new_lens = torch.full_like(self._total_len, steps)
+            self._start = self._total_len - self._new_lens
         if self._write_slots is None or self._write_slots.shape[1] != steps:
             self._write_slots = self._storage.write_index(self._page_table, self._start, self._new_lens, steps)
         self._storage.write_slots(layer_id, self._write_slots, k, v)
