@@ -126,3 +126,66 @@ def test_from_config_and_registry(lm_config, encoder_config):
     assert type(AutoModel.from_config(lm_config())) is AutoRegressiveLM
     assert type(AutoModel.from_config(encoder_config())) is EmbeddingEncoder
     assert AutoModel.list_registered() == ["autoregressive_lm", "embedding"]
+
+
+def test_register_and_get_component_class_take_model_type(lm_config):
+    """Architecture document: `AutoModel.register(model_type)`, `AutoModel.get_component_class(model_type)`."""
+    assert AutoModel.get_component_class(model_type="autoregressive_lm") is AutoRegressiveLM
+
+    class Toy(AutoModel):
+        pass
+
+    decorator = Toy.register(model_type="toy_lm", category="test", priority=1)
+    assert decorator(AutoRegressiveLM) is AutoRegressiveLM
+    assert Toy.get_component_class(model_type="toy_lm") is AutoRegressiveLM
+    assert Toy.list_by_category("test") == ["toy_lm"] and not AutoModel.is_registered("toy_lm")
+
+
+def test_from_pretrained_disable_random_init(tmp_path, lm_config, tokens, caplog):
+    """`from_pretrained(path, disable_random_init, strict)`: with random init disabled (the default) every weight
+    comes from the file; enabled, a non-strict load keeps the random init of the tensors the file lacks."""
+    torch.manual_seed(0)
+    model = AutoRegressiveLM(lm_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert_bit_exact(model, AutoModel.from_pretrained(tmp_path, False, True), tokens(2, 9))  # positional, as documented
+    assert_bit_exact(model, AutoModel.from_pretrained(tmp_path, disable_random_init=True, strict=True), tokens(2, 9))
+
+    _rewrite_weights(tmp_path, lambda t: t.pop("layers.1.mlp.up.weight"))
+    for disable_random_init, strict in [(True, True), (True, False), (False, True)]:
+        with pytest.raises(ValueError, match=r"missing tensors \['layers.1.mlp.up.weight'\]"):
+            AutoModel.from_pretrained(tmp_path, disable_random_init=disable_random_init, strict=strict)
+    torch.manual_seed(1)
+    with caplog.at_level("WARNING", logger="astrai.model.automodel"):
+        loaded = AutoModel.from_pretrained(tmp_path, disable_random_init=False, strict=False, dtype=torch.bfloat16)
+    assert "1 tensor(s) not in the checkpoint keep their random init: ['layers.1.mlp.up.weight']" in caplog.text
+    up = loaded.layers[1].mlp.up.weight
+    assert up.dtype == torch.bfloat16 and not torch.equal(up.float(), model.layers[1].mlp.up.weight.bfloat16().float())
+    assert abs(up.float().std().item() - 0.02) < 0.005  # Linear's own N(0, 0.02) init
+    assert torch.equal(loaded.layers[1].mlp.down.weight, model.layers[1].mlp.down.weight.bfloat16())
+
+
+def test_untied_model_loads_a_tied_checkpoint(tmp_path, lm_config, tokens, caplog):
+    """original-behaviour.md 3.9: an untied model loading a tied state dict starts its LM head as a copy of the
+    embedding (a clone: the two stay separate Parameters)."""
+    torch.manual_seed(0)
+    tied = AutoRegressiveLM(lm_config(tie_weight=True)).eval()
+    untied = AutoRegressiveLM(lm_config()).eval()
+    with caplog.at_level("WARNING", logger="astrai.model.transformer"):
+        untied.load_state_dict(tied.state_dict())
+    assert "no lm_head.weight (a tied checkpoint)" in caplog.text
+    assert torch.equal(untied.lm_head.weight, tied.embed_tokens.weight)
+    assert untied.lm_head.weight.data_ptr() != untied.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(untied(tokens(2, 9))["logits"], tied(tokens(2, 9))["logits"])
+
+    # the same through from_pretrained: a tied checkpoint whose config.json was edited to untie the head
+    tied.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"tie_weight": False}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="astrai.model.transformer"):
+        loaded = AutoModel.from_pretrained(tmp_path)
+    assert f"{tmp_path / 'model.safetensors'}: no lm_head.weight" in caplog.text
+    assert loaded.lm_head.weight is not loaded.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, tied.embed_tokens.weight)
+    assert len(list(loaded.parameters())) == len(loaded.state_dict())

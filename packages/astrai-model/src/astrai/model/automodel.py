@@ -6,13 +6,17 @@ checkpoint folder when its `model_type` has a converter in `astrai.model.hf` (ll
 ...): the config and the tensor names are converted on load.
 
 Loading never runs random init and never leaves a weight uninitialised: the model is built on the meta
-device, every tensor is checked against the model's own names and shapes (ValueError naming the tensors and
-the file otherwise), and the loaded tensors are assigned in place of the meta parameters.
+device (`disable_random_init=True`, the default: the architecture document's "no random init on load"), every
+tensor is checked against the model's own names and shapes (ValueError naming the tensors and the file
+otherwise), and the loaded tensors are assigned in place of the meta parameters. Only a model built with its
+random init (`disable_random_init=False`) and loaded with `strict=False` may lack tensors in the checkpoint:
+those keep their random initialisation, and a warning names them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -25,6 +29,8 @@ from astrai.factory import BaseFactory
 from astrai.model import hf
 from astrai.model.weight_files import load_weight_files, save_weight_files, weights_source
 
+logger = logging.getLogger(__name__)
+
 
 class AutoModel(nn.Module, BaseFactory[nn.Module]):
     """Base of every model class; `AutoModel.register("model_type")` makes a class loadable by name."""
@@ -36,6 +42,18 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
         self.config = config
 
     @classmethod
+    def register(
+        cls, model_type: str, category: str | None = None, priority: int = 0
+    ) -> Callable[[type[AutoModel]], type[AutoModel]]:
+        """Class decorator: `AutoModel.from_pretrained` builds the class for folders whose config has `model_type`."""
+        return super().register(model_type, category, priority)
+
+    @classmethod
+    def get_component_class(cls, model_type: str) -> type[AutoModel]:
+        """The model class registered for `model_type`; ValueError listing the registered ones otherwise."""
+        return super().get_component_class(model_type)
+
+    @classmethod
     def from_config(cls, config: BaseModelConfig) -> AutoModel:
         """A randomly initialised model of the class registered for `config.model_type`."""
         return cls._model_class(config)(config)
@@ -44,15 +62,20 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
     def from_pretrained(
         cls,
         path: str | Path,
+        disable_random_init: bool = True,
+        strict: bool = True,
+        *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        strict: bool = True,
     ) -> AutoModel:
         """Load a model folder (ours or Hugging Face's) in eval mode.
 
+        disable_random_init: build the model without running its random init (on the meta device); every
+            weight then comes from the checkpoint. False builds it randomly initialised (on CPU) first.
+        strict: when False, tensors the model does not have are ignored, and with `disable_random_init=False`
+            tensors the checkpoint lacks keep their random init (logged); missing ones are an error otherwise.
         dtype: cast floating-point weights to it (default: keep the stored dtype).
         device: where the weights are loaded (default CPU).
-        strict: when False, tensors the model does not have are ignored; missing ones are always an error.
         """
         folder = Path(path)
         raw = read_json_object(folder / "config.json")
@@ -69,7 +92,7 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
                 f"{folder / 'config.json'}: unknown model_type {model_type!r}; astrai models: "
                 f"{cls.list_registered()}, Hugging Face families: {hf.HFConverterFactory.list_registered()}"
             )
-        with torch.device("meta"):
+        with torch.device("meta" if disable_random_init else "cpu"):
             model = cls._model_class(config)(config)
         model.load_weights(tensors, source=weights_source(folder), dtype=dtype, strict=strict)
         return model.eval()
@@ -88,17 +111,21 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
         dtype: torch.dtype | None = None,
         strict: bool = True,
     ) -> None:
-        """Check `tensors` against this model's names and shapes, then assign them (works on a meta model)."""
-        expected = {name: t.shape for name, t in self.state_dict().items()}
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
+        """Check `tensors` against this model's names and shapes, then assign them (works on a meta model).
+
+        Without `strict`, tensors the model lacks are ignored, and tensors `tensors` lacks keep this model's
+        own values, which must exist (not meta): a warning names them."""
+        tensors = self._complete_state_dict(tensors, source)
+        own = self.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
         wrong_shape = [
-            f"{name}: file {tuple(t.shape)} vs model {tuple(expected[name])}"
+            f"{name}: file {tuple(t.shape)} vs model {tuple(own[name].shape)}"
             for name, t in tensors.items()
-            if name in expected and t.shape != expected[name]
+            if name in own and t.shape != own[name].shape
         ]
         problems = []
-        if missing:
+        if missing and (strict or any(own[name].is_meta for name in missing)):
             problems.append(f"missing tensors {missing}")
         if unexpected and strict:
             problems.append(f"unexpected tensors {unexpected}")
@@ -109,11 +136,23 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
         state = {
             name: t.to(dtype) if dtype is not None and t.is_floating_point() else t
             for name, t in tensors.items()
-            if name in expected
+            if name in own
         }
+        if missing:
+            logger.warning(
+                "%s: %d tensor(s) not in the checkpoint keep their random init: %s", source, len(missing), missing
+            )
+            device = next(iter(state.values())).device if state else None
+            for name in missing:  # the model's own values, moved and cast like the loaded ones
+                t = own[name]
+                state[name] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
         self.load_state_dict(state, strict=True, assign=True)
         left_on_meta = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
         assert not left_on_meta, f"tensors not covered by the state dict stayed on meta: {left_on_meta}"
+
+    def _complete_state_dict(self, tensors: dict[str, Tensor], source: str | Path = "state dict") -> dict[str, Tensor]:
+        """`tensors` with what this model can derive from them added (a model class overrides it; default: as is)."""
+        return tensors
 
     def save_pretrained(
         self,

@@ -4,10 +4,14 @@
 
 Attention is GQA or MLA (`attn_type`), the feed-forward a SwiGLU MLP or DeepSeekMoE (`ffn_type`; the first
 `n_dense_layers` layers stay dense). With `tie_weight` the LM head *is* the embedding matrix: one Parameter,
-saved once (as `embed_tokens.weight`; `lm_head.weight` never appears in the state dict).
+saved once (as `embed_tokens.weight`; `lm_head.weight` never appears in the state dict). An untied model loading
+such a tied checkpoint starts its LM head as a copy of the embedding (as the original did), with a warning.
 """
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +26,8 @@ from astrai.model.norm import RMSNorm
 from astrai.model.rope import RotaryEmbedding
 from astrai.model.sdpa import build_attention_mask, default_position_ids
 from astrai.protocols import KVCacheView
+
+logger = logging.getLogger(__name__)
 
 
 @AutoModel.register("autoregressive_lm")
@@ -43,6 +49,8 @@ class AutoRegressiveLM(AutoModel, share_registry=True):
             self.register_state_dict_post_hook(_drop_tied_head)
             self.register_load_state_dict_pre_hook(_feed_tied_head)
             self.register_load_state_dict_post_hook(_retie_head)
+        else:
+            self.register_load_state_dict_pre_hook(_untie_head)
 
     def forward(
         self,
@@ -87,6 +95,11 @@ class AutoRegressiveLM(AutoModel, share_registry=True):
         picked = h[0, logits_index] if packed else h[torch.arange(h.shape[0], device=h.device), logits_index]
         return {"logits": self.lm_head(picked).unsqueeze(1), "hidden_states": h}
 
+    def _complete_state_dict(self, tensors: dict[str, Tensor], source: str | Path = "state dict") -> dict[str, Tensor]:
+        if self.config.tie_weight:
+            return tensors
+        return _with_untied_head(tensors, "", source)
+
     @property
     def aux_loss(self) -> Tensor:
         """Sum of the MoE layers' (coefficient-weighted) auxiliary losses of the last forward; 0 without MoE."""
@@ -111,3 +124,16 @@ def _feed_tied_head(module: AutoRegressiveLM, state_dict: dict, prefix: str, *ar
 
 def _retie_head(module: AutoRegressiveLM, incompatible_keys: object) -> None:
     module.lm_head.weight = module.embed_tokens.weight  # `assign=True` loading made two Parameters
+
+
+def _untie_head(module: AutoRegressiveLM, state_dict: dict, prefix: str, *args: object) -> None:
+    state_dict.update(_with_untied_head(state_dict, prefix, "state dict"))
+
+
+def _with_untied_head(tensors: dict[str, Tensor], prefix: str, source: str | Path) -> dict[str, Tensor]:
+    """A tied checkpoint (an embedding, no LM head) for an untied model: the head starts as a copy of the embedding."""
+    head, embedding = prefix + "lm_head.weight", prefix + "embed_tokens.weight"
+    if head in tensors or embedding not in tensors:
+        return tensors
+    logger.warning("%s: no %s (a tied checkpoint); the untied LM head starts as a copy of %s", source, head, embedding)
+    return {**tensors, head: tensors[embedding].clone()}
