@@ -8,6 +8,7 @@ chat templates, special_tokens_map.json).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from pydoc_data.topics import topics
@@ -306,3 +307,19 @@ def test_missing_folder_or_tokenizer_json(tmp_path):
         AutoTokenizer.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(ValueError, match=r"tokenizer.json not found"):
         AutoTokenizer().load(tmp_path)
+
+
+def test_getattr_special_ids_and_backend_delegation(qwen_folder):
+    """Architecture document: `__getattr__(name)` gives the special-token ids and the backend's attributes."""
+    tok = AutoTokenizer.from_pretrained(qwen_folder)
+    assert (tok.eos_id, tok.pad_id) == (tok.token_to_id("<|im_end|>"), tok.token_to_id("<pad>"))
+    assert tok.bos_id is None and tok.stop_ids == [tok.eos_id]
+    tok.sep_token = "<|im_start|>"
+    assert tok.sep_id == tok.token_to_id("<|im_start|>")
+    assert tok.get_vocab() == tok.backend_tokenizer.get_vocab()  # delegated to tokenizers.Tokenizer
+    assert tok.get_vocab_size() == tok.vocab_size and tok.normalizer is tok.backend_tokenizer.normalizer
+    with pytest.raises(AttributeError, match="'AutoTokenizer' object has no attribute 'cls_id'"):
+        _ = tok.cls_id
+    with pytest.raises(AttributeError, match="no vocabulary loaded"):
+        AutoTokenizer().get_vocab()
+    assert copy.copy(tok).get_vocab() == tok.get_vocab()  # copy probes dunders on a bare instance

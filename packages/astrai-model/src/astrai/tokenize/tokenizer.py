@@ -13,6 +13,11 @@ ignores those flags whenever a tokenizer.json exists, so on such a folder it add
 `stop_ids` are the end-of-sequence tokens only: `eos`, the `eos_token_id`s of generation_config.json,
 and the end-of-turn markers (`<|im_end|>`, `<|eot_id|>`, ...) that the chat templates actually use.
 Padding, unknown and begin-of-sequence tokens are never stop tokens.
+
+Attributes this class does not define are looked up by `__getattr__` (the architecture document's dynamic
+attributes): `<name>_id` is the id of a special token set as `<name>_token` (`bos_id`, `eos_id`, `pad_id` are
+properties; `tok.sep_token = "<sep>"` makes `tok.sep_id` work too), and anything else is delegated to the
+wrapped `tokenizers.Tokenizer` (`get_vocab()`, `get_vocab_size()`, `normalizer`, `add_tokens(...)`, ...).
 """
 
 from __future__ import annotations
@@ -231,6 +236,20 @@ class AutoTokenizer:
             messages, system_prompt, add_generation_prompt=add_generation_prompt, tools=tools, **{**variables, **extra}
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def __getattr__(self, name: str) -> Any:
+        """Called only for names not found normally: `<name>_id` of a `<name>_token`, else the backend's attribute."""
+        # Private names never delegate: copy and pickle probe them on an instance whose __init__ has not run.
+        if not name.startswith("_"):
+            state = self.__dict__
+            if name.endswith("_id") and f"{name[:-3]}_token" in state:
+                return self._id_of(state[f"{name[:-3]}_token"])
+            backend = state.get("_tokenizer")
+            if backend is not None and hasattr(backend, name):
+                return getattr(backend, name)
+            if backend is None and hasattr(Tokenizer, name):
+                raise AttributeError(f"AutoTokenizer.{name}: no vocabulary loaded (use AutoTokenizer.from_pretrained)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ---------------------------------------------------------------- internals
 
