@@ -12,6 +12,12 @@ cached latents into per-head keys and values, or absorbs `kv_b_proj` into the qu
 head attends directly over the latents as a single shared key/value head. Absorption wins when few queries
 meet many cached keys (decode); expansion wins for long query blocks (prefill, training).
 
+`use_qk_norm` adds `q_norm` and `k_norm`, RMSNorms over each head's full query and key (`nope | rope`,
+`head_dim` channels), applied after RoPE: the cache holds the shared RoPE key already rotated, and the per-head
+keys exist only once the latents are expanded, so the key norm acts there (as the original's MLA normalised
+after RoPE too; no checkpoint format fixes this order for MLA). Normalising `W_uk c` per head is not linear
+in the latent `c`, so with qk-norm the attention always expands (no absorption).
+
 Weights follow transformers' `DeepseekV3Attention` (HF names in brackets): `q_proj` or the low-rank
 `q_a_proj` [q_a_proj], `q_a_norm` [q_a_layernorm], `q_b_proj` [q_b_proj]; `kv_a_proj` [kv_a_proj_with_mqa],
 `kv_norm` [kv_a_layernorm], `kv_b_proj`, `o_proj`. RoPE channels use the rotate-half layout; checkpoints with
@@ -61,7 +67,7 @@ class MLA(nn.Module):
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
         self.head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim  # query/key width per head
-        self.use_qk_norm = False  # rejected for MLA by the config: a key norm cannot act on the cached latent
+        self.use_qk_norm = config.use_qk_norm
         self.use_gated_attention = config.use_gated_attention
         self.scale = self.head_dim**-0.5 * yarn_softmax_mscale(config.rope_scaling)
 
@@ -76,6 +82,9 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, config.norm_eps)
         self.kv_b_proj = Linear(self.kv_lora_rank, self.n_kv_heads * (self.qk_nope_head_dim + self.v_head_dim))
         self.o_proj = Linear(heads * self.v_head_dim, dim)
+        if self.use_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         if self.use_gated_attention:
             self.gate = Linear(dim, heads * self.v_head_dim)
 
@@ -101,7 +110,8 @@ class MLA(nn.Module):
             if attn_mask is not None:  # None: a first prefill, its own entries are the history (sdpa module)
                 latent, k_pe = paged_cache.gather(self.layer_id)  # (B, S, kv_lora_rank), (B, S, rope)
 
-        if paged_cache is not None and self.absorb_is_cheaper(T):
+        # Per-head key norms need the expanded keys (module docstring): qk-norm always expands.
+        if paged_cache is not None and not self.use_qk_norm and self.absorb_is_cheaper(T):
             out = self._attend_absorbed(q_nope, q_pe, latent, k_pe, attn_mask, is_causal)
         else:
             out = self._attend_expanded(q_nope, q_pe, latent, k_pe, attn_mask, is_causal)
@@ -129,6 +139,8 @@ class MLA(nn.Module):
         k_pe = k_pe.unsqueeze(2).expand(B, S, self.n_kv_heads, self.qk_rope_head_dim)
         k = torch.cat([k_nope, k_pe], -1)  # (B, S, Hkv, head_dim)
         q = torch.cat([q_nope, q_pe], -1)  # (B, T, H, head_dim)
+        if self.use_qk_norm:  # per head over nope | rope, after RoPE (module docstring)
+            q, k = self.q_norm(q), self.k_norm(k)
         out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, is_causal, scale=self.scale)
         return out.transpose(1, 2)
 

@@ -138,10 +138,10 @@ class DeepseekV3Converter(HFConverter):
     def config_to_hf(self, cfg: BaseModelConfig) -> dict[str, Any]:
         if not isinstance(cfg, AutoRegressiveLMConfig) or (cfg.attn_type, cfg.ffn_type) != ("mla", "moe"):
             raise ValueError("needs an AutoRegressiveLMConfig with attn_type='mla' and ffn_type='moe'")
-        if cfg.use_gated_attention or cfg.n_kv_heads != cfg.n_heads:
+        if cfg.use_gated_attention or cfg.use_qk_norm or cfg.n_kv_heads != cfg.n_heads:
             raise ValueError(
-                f"use_gated_attention={cfg.use_gated_attention}, n_kv_heads={cfg.n_kv_heads}: DeepSeek-V3 needs "
-                f"False and n_kv_heads == n_heads={cfg.n_heads}"
+                f"use_gated_attention={cfg.use_gated_attention}, use_qk_norm={cfg.use_qk_norm}, "
+                f"n_kv_heads={cfg.n_kv_heads}: DeepSeek-V3 needs False, False and n_kv_heads == n_heads={cfg.n_heads}"
             )
         if cfg.topk_method != "noaux_tc" or cfg.n_shared_experts < 1:
             raise ValueError(
