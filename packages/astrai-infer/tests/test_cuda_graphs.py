@@ -115,11 +115,11 @@ def test_static_steps_logits_match_the_engine_steps(model, tokenizer, dtype):
                 torch.testing.assert_close(static, reference, **tolerance)
         task.next_pos = n - 1
         tasks.append(task)
-    static = executor.execute_decode(tasks).float()
+    static = executor.forward_decode(tasks).float()
     reference = executor._forward(tasks, [[t.all_ids[t.next_pos]] for t in tasks]).float()
     torch.testing.assert_close(static, reference, **tolerance)
     assert static.shape == (5, model.config.vocab_size)
-    both = executor.execute_prefill(tasks[:2], [1, 1]).float()  # two rows: one step each, both logits kept
+    both = executor.forward(tasks[:2], [1, 1]).float()  # two rows: one step each, both logits kept
     torch.testing.assert_close(both, reference[:2], **tolerance)
 
 
@@ -283,7 +283,7 @@ def test_padding_writes_only_the_scratch_page(model, tokenizer):
     for step in ("decode", "prefill"):
         before_k, before_v = storage.k_cache.clone(), storage.v_cache.clone()
         if step == "decode":
-            executor.execute_decode(tasks)
+            executor.forward_decode(tasks)
             written = [(t.task_id, t.next_pos) for t in tasks]
         else:
             task = Task(task_id="p", prompt_ids=[rng.randrange(10, 400) for _ in range(9)], max_tokens=4)
@@ -314,7 +314,7 @@ def test_hidden_non_finite_cache_entries_stay_hidden(model, tokenizer):
     cache.storage.v_cache[:, last_page, 3] = float("nan")  # position 7: after the row's, never attended
     reference = executor._forward([task], [[task.all_ids[5]]])
     assert reference.isfinite().all()
-    static = executor.execute_decode([task])
+    static = executor.forward_decode([task])
     assert static.isfinite().all(), "a masked stale NaN leaked into the fixed-shape step's logits"
 
 

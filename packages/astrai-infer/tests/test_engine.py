@@ -291,14 +291,14 @@ class _Gate:
         self.entered = threading.Event()
         self._release = threading.Event()
         executor = engine.scheduler.executor
-        real = executor.execute_decode
+        real = executor.forward_decode
 
         def gated(tasks):
             self.entered.set()
             self._release.wait()
             return real(tasks)
 
-        executor.execute_decode = gated
+        executor.forward_decode = gated
 
     def open(self):
         self._release.set()
@@ -387,7 +387,7 @@ def test_a_request_whose_sampling_raises_fails_alone(make_engine, naive_greedy):
 def test_a_failing_forward_fails_its_batch_and_the_loop_goes_on(make_engine, naive_greedy):
     engine = make_engine(max_seq_len=64)
     executor = engine.scheduler.executor
-    real = executor.execute_decode
+    real = executor.forward_decode
     failures = iter([True])
 
     def decode(tasks):
@@ -395,7 +395,7 @@ def test_a_failing_forward_fails_its_batch_and_the_loop_goes_on(make_engine, nai
             raise RuntimeError("injected forward failure")
         return real(tasks)
 
-    executor.execute_decode = decode
+    executor.forward_decode = decode
     _, events = _drain(engine.submit([1, 2, 3], SamplingParams(max_tokens=5, **GREEDY)))
     assert events[-1].finish_reason == "error" and "injected forward failure" in events[-1].error
     assert engine.generate([1, 2, 3], max_tokens=5, **GREEDY) == naive_greedy([1, 2, 3], 5)
@@ -408,7 +408,7 @@ def test_a_failing_chunk_fails_only_its_request_while_others_decode(make_engine,
     # loop runs the parts alone and fails only the part that fails again.
     engine = make_engine(max_seq_len=64)
     executor = engine.scheduler.executor
-    real = executor.execute_prefill
+    real = executor.forward
     poison = [9, 9, 9, 9, 9, 9]
 
     def prefill(tasks, lens):
@@ -416,7 +416,7 @@ def test_a_failing_chunk_fails_only_its_request_while_others_decode(make_engine,
             raise RuntimeError("injected forward failure")
         return real(tasks, lens)
 
-    executor.execute_prefill = prefill
+    executor.forward = prefill
     decoding = engine.submit([1, 2, 3], SamplingParams(max_tokens=12, **GREEDY))
     events = decoding.iter_sync()
     first = next(events)  # the first request is decoding now

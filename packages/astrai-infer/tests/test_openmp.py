@@ -37,8 +37,8 @@ def test_release_thread_pool_ends_the_callers_workers():
     assert int(during) > int(before) and int(after) == int(before)
 
 
-def test_wait_for_work_runs_on_idle_only_before_sleeping():
-    manager = TaskManager(4)
+def test_wait_for_work_runs_on_idle_only_before_sleeping(tokenizer):
+    manager = TaskManager(tokenizer, max_queue=4)
     calls = []
     manager.wake()
     manager.wait_for_work(on_idle=lambda: calls.append("idle"))  # work pending: returns at once

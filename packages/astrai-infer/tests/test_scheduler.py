@@ -2,6 +2,7 @@
 prefill, preemption order, cancellation owned by the loop, and the TaskManager's thread-safe door."""
 
 import threading
+from collections import deque
 
 import pytest
 
@@ -14,6 +15,7 @@ from astrai.inference import (
     QueueFullError,
     Task,
     TaskManager,
+    TaskStatus,
 )
 
 
@@ -44,7 +46,7 @@ def scheduler(model, tokenizer):
         sched = InferenceScheduler(model, tokenizer, **kwargs)
         sched.calls = []
         executor = sched.executor
-        prefill, decode = executor.execute_prefill, executor.execute_decode
+        prefill, decode = executor.forward, executor.forward_decode
 
         def logged_prefill(tasks, lens):
             sched.calls.append(("prefill", [(t.task_id, t.next_pos, n) for t, n in zip(tasks, lens)]))
@@ -54,7 +56,7 @@ def scheduler(model, tokenizer):
             sched.calls.append(("decode", [(t.task_id, t.next_pos, 1) for t in tasks]))
             return decode(tasks)
 
-        executor.execute_prefill, executor.execute_decode = logged_prefill, logged_decode
+        executor.forward, executor.forward_decode = logged_prefill, logged_decode
         if start:
             sched.start()
         made.append(sched)
@@ -154,14 +156,14 @@ def test_page_shortage_preempts_the_newest_task_and_recomputes_it(scheduler, nai
 def test_cancellation_is_only_a_flag_until_the_loop_acts(scheduler):
     sched = scheduler(max_seq_len=64)
     entered, release = threading.Event(), threading.Event()
-    decode = sched.executor.execute_decode
+    decode = sched.executor.forward_decode
 
     def gated(tasks):
         entered.set()
         release.wait()
         return decode(tasks)
 
-    sched.executor.execute_decode = gated
+    sched.executor.forward_decode = gated
     task_id, rec = _add(sched, [1, 2, 3], 30)
     assert entered.wait(10)
     assert sched.remove_task(task_id)
@@ -183,29 +185,87 @@ def test_constructor_validates_its_budget(model, tokenizer):
 
 
 def test_task_manager_bounds_the_queue_and_refuses_after_close(tokenizer):
-    manager = TaskManager(max_queue=2)
+    manager = TaskManager(tokenizer, max_queue=2)
 
     def task():
         t = Task(task_id=manager.new_task_id(), prompt_ids=[1, 2])
         return t, OutputStream(t, tokenizer)
 
     first, second = task(), task()
-    manager.add_task(*first)
-    manager.add_task(*second)
+    manager.submit(*first)
+    manager.submit(*second)
     with pytest.raises(QueueFullError):
-        manager.add_task(*task())
+        manager.submit(*task())
+    with pytest.raises(QueueFullError):
+        manager.add_task("one more")
     assert manager.num_waiting == 2
-    assert [t for t, _ in manager.drain_inbox()] == [first[0], second[0]]
+    assert manager.drain_inbox() == [first[0], second[0]]
     manager.activate(manager.pull_candidates(1)[0])
     assert manager.num_waiting == 1
-    manager.add_task(*task())  # room again
-    assert manager.cancel(first[0].task_id) and first[0].cancelled
-    assert not manager.cancel("req-unknown")
+    manager.submit(*task())  # room again
+    assert manager.remove_task(first[0].task_id) == [first[0]] and first[0].cancelled
+    assert manager.remove_task("req-unknown") == []
     manager.close()
     with pytest.raises(LoopStoppedError):
-        manager.add_task(*task())
+        manager.submit(*task())
     with pytest.raises(ValueError, match="max_queue"):
-        TaskManager(max_queue=0)
+        TaskManager(tokenizer, max_queue=0)
+
+
+def test_task_manager_add_task_encodes_text_and_caps_max_tokens(tokenizer):
+    manager = TaskManager(tokenizer, max_seq_len=20)
+    assert manager.tokenizer is tokenizer
+    events = []
+    text_id = manager.add_task("Hello world", max_tokens=100, temperature=0.0, stream_callback=events.append)
+    ids_id = manager.add_task([5, 6, 7], top_k=3, seed=1)
+    text, ids = manager.pull_candidates(5)
+    assert (text.task_id, ids.task_id) == (text_id, ids_id) and manager.waiting_queue == deque()
+    assert text.prompt_ids == tokenizer.encode("Hello world") and text.temperature == 0.0
+    assert text.max_tokens == 20 - len(text.prompt_ids)  # capped to the room max_seq_len leaves
+    assert (ids.prompt_ids, ids.max_tokens, ids.top_k, ids.seed) == ([5, 6, 7], 17, 3, 1)
+    with pytest.raises(ValueError, match="no room to generate"):
+        manager.add_task(list(range(20)))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        manager.add_task("")
+    with pytest.raises(ValueError, match="prompt_ids"):
+        manager.add_task([])
+    with pytest.raises(ValueError, match="top_p"):
+        manager.add_task("x", top_p=2.0)
+
+
+def test_remove_finished_tasks_ends_stopped_and_cancelled_tasks(tokenizer):
+    manager = TaskManager(tokenizer)
+    events = {}
+    ids = [manager.add_task([1, 2], max_tokens=2, stream_callback=events.setdefault(i, []).append) for i in range(4)]
+    done, stopped, running, waiting = manager.pull_candidates(4)
+    manager.return_to_waiting([waiting])
+    for task in (done, stopped, running):
+        manager.activate(task)
+    assert [t.status for t in (done, running, waiting)] == [TaskStatus.RUNNING, TaskStatus.RUNNING, TaskStatus.PENDING]
+    done.append_token(3)
+    done.append_token(4)  # max_tokens reached
+    stopped.append_token(9)  # a stop token of the caller's
+    running.append_token(3)
+    manager.remove_task(waiting.task_id)
+    ended = manager.remove_finished_tasks(stop_ids={9})
+    assert ended == [done, stopped, waiting] and manager.get_active_tasks() == [running]
+    assert [(t.status, t.finish_reason) for t in ended] == [
+        (TaskStatus.FINISHED, "length"),
+        (TaskStatus.FINISHED, "stop"),
+        (TaskStatus.ABORTED, "cancelled"),
+    ]
+    assert [events[i][-1].finish_reason for i in (0, 1, 3)] == ["length", "stop", "cancelled"] and events[2] == []
+    assert manager.num_waiting == 0 and manager.remove_task(ids[0]) == [] and manager.remove_finished_tasks() == []
+
+
+def test_text_prompt_through_the_task_manager_matches_the_token_id_path(scheduler, tokenizer, naive_greedy):
+    sched = scheduler(max_seq_len=64)
+    prompt = tokenizer.encode("Hello there. How are you")
+    rec, direct = _Recorder(), _Recorder()
+    sched.task_manager.add_task("Hello there. How are you", max_tokens=6, temperature=0.0, stream_callback=rec)
+    sched.add_task("Hello there. How are you", max_tokens=6, temperature=0.0, stream_callback=direct)
+    assert rec.ids() == direct.ids() == naive_greedy(prompt, 6)
+    assert rec.events[-1].prompt_tokens == len(prompt) and rec.events[-1].finish_reason == "length"
 
 
 def test_stop_without_start_still_ends_queued_tasks(scheduler):

@@ -84,9 +84,9 @@ class Executor:
         if self.graphs is not None:
             self.graphs.refresh()
 
-    def execute_prefill(self, tasks: Sequence[Task], num_tokens: Sequence[int]) -> torch.Tensor:
+    def forward(self, tasks: Sequence[Task], num_tokens: Sequence[int]) -> torch.Tensor:
         """Feed `num_tokens[b]` tokens of each task's sequence from `task.next_pos` (a decoding task feeds its
-        one pending token); (B, V) last-token logits."""
+        one pending token); (B, V) last-token logits. Moves no task's progress (the scheduler does)."""
         chunks = [t.all_ids[t.next_pos : t.next_pos + n] for t, n in zip(tasks, num_tokens, strict=True)]
         graphs = self.graphs
         if graphs is not None and max(num_tokens) <= graphs.chunk_buckets[-1]:
@@ -97,12 +97,60 @@ class Executor:
             return torch.cat([graphs.prefill(t.task_id, chunk, t.next_pos).clone() for t, chunk in pairs])
         return self._forward(tasks, chunks)
 
-    def execute_decode(self, tasks: Sequence[Task]) -> torch.Tensor:
+    def forward_decode(self, tasks: Sequence[Task]) -> torch.Tensor:
         """Feed each task's last sampled token at its next position; (B, V) logits."""
         tokens = [t.all_ids[t.next_pos] for t in tasks]
         if self.graphs is not None:
             return self.graphs.decode([t.task_id for t in tasks], tokens, [t.next_pos for t in tasks])
         return self._forward(tasks, [[token] for token in tokens])
+
+    # ---- the architecture document's step API: the tasks' progress moves with each call -----------------
+
+    def execute_prefill(self, tasks: Sequence[Task], prompt_len: int, start_pos: int | None = None) -> list[int | None]:
+        """Compute positions `start_pos .. prompt_len - 1` of every task's sequence in one forward (default
+        start: each task's `next_pos`, where its cached prefix ends) and move `next_pos` to `prompt_len`.
+
+        A task whose whole sequence is then in the cache samples its next token from this forward's logits (the
+        first generated token comes from the prefill itself) and appends it; returns the token per task, None
+        for a task that is still prefilling (`prompt_len` short of its sequence). The tasks must hold pages for
+        `prompt_len` positions (`KVCache.task_alloc`); positions served by the prefix cache are never written.
+        """
+        starts = [t.next_pos if start_pos is None else start_pos for t in tasks]
+        for task, start in zip(tasks, starts, strict=True):
+            cached = self.page_cache.task_cached(task.task_id)
+            if not cached <= start < prompt_len <= len(task.prompt_ids) + len(task.output_ids):
+                raise ValueError(
+                    f"task {task.task_id!r}: prefill of positions {start}..{prompt_len - 1} must lie within its "
+                    f"{len(task.all_ids)} tokens, from its {cached} cached ones on"
+                )
+            task.next_pos = start
+        logits = self.forward(tasks, [prompt_len - start for start in starts])
+        for task in tasks:
+            task.next_pos = prompt_len
+        ready = [b for b, t in enumerate(tasks) if len(t.prompt_ids) + len(t.output_ids) == prompt_len]
+        tokens: list[int | None] = [None] * len(tasks)
+        if ready:
+            for b, token in zip(ready, self.sample([tasks[b] for b in ready], logits[ready]), strict=True):
+                tasks[b].append_token(token)
+                tokens[b] = token
+        return tokens
+
+    def execute_decode(self, tasks: Sequence[Task]) -> list[int]:
+        """One decode step: feed each task's last token at its `next_pos` (growing its pages to cover it),
+        sample the next token with the task's parameters, append it and return them, one per task."""
+        for task in tasks:
+            pending = len(task.prompt_ids) + len(task.output_ids) - task.next_pos
+            if pending != 1:
+                raise ValueError(f"task {task.task_id!r}: {pending} tokens not in the cache; a decode feeds one")
+            if not self.page_cache.task_extend(task.task_id, task.next_pos):
+                raise RuntimeError(f"task {task.task_id!r}: no KV page left for position {task.next_pos}")
+        logits = self.forward_decode(tasks)
+        for task in tasks:
+            task.next_pos += 1
+        tokens = self.sample(tasks, logits)
+        for task, token in zip(tasks, tokens, strict=True):
+            task.append_token(token)
+        return tokens
 
     def sample(self, tasks: Sequence[Task], logits: torch.Tensor) -> list[int]:
         """One token per task from its logits row (B, V), with that task's sampling parameters and seed."""

@@ -47,7 +47,7 @@ from astrai.inference.cache import KVCache
 from astrai.inference.executor import Executor
 from astrai.inference.openmp import release_thread_pool
 from astrai.inference.stats import SchedulerStats
-from astrai.inference.stream import GenerationEvent, OutputStream
+from astrai.inference.stream import GenerationEvent
 from astrai.inference.task import Task, TaskStatus
 from astrai.inference.task_manager import TaskManager
 
@@ -110,8 +110,7 @@ class InferenceScheduler:
             max_chunk=self.max_prefill_tokens,
             max_seq_len=self.max_seq_len,
         )
-        self._task_mgr = TaskManager(max_queue)
-        self._outputs: dict[str, OutputStream] = {}  # loop only: each admitted-or-waiting task's event stream
+        self._task_mgr = TaskManager(tokenizer, max_queue, self.max_seq_len)
         self._running = False
         self._loop_thread: threading.Thread | None = None
         self._reset_prefix = threading.Event()  # set by reset_prefix_cache (any thread), applied by the loop
@@ -134,7 +133,7 @@ class InferenceScheduler:
 
     def add_task(
         self,
-        prompt: Sequence[int],
+        prompt: str | Sequence[int],
         max_tokens: int | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -143,36 +142,23 @@ class InferenceScheduler:
         stop: Sequence[str] | None = None,
         **sampling: Any,
     ) -> str:
-        """Queue a request (prompt token ids); its events go to `stream_callback`. Returns the task id.
+        """Queue a request (text, encoded with the tokenizer, or token ids); its events go to
+        `stream_callback`. Returns the task id (`TaskManager.add_task`).
 
         `max_tokens` is capped so that prompt + output fit `max_seq_len`; `sampling` holds the other `Task`
         parameters (penalties, seed, logit_bias, stop_token_ids). Raises ValueError for a bad request,
         QueueFullError when the queue is full, LoopStoppedError once the loop has stopped.
         """
-        room = self.max_seq_len - len(prompt)
-        if room < 1:
-            raise ValueError(
-                f"prompt of {len(prompt)} tokens: leaves no room to generate within max_seq_len={self.max_seq_len}"
-            )
-        task = Task(
-            task_id=self._task_mgr.new_task_id(),
-            prompt_ids=list(prompt),
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            stream_callback=stream_callback,
-            **sampling,
-        )  # validates every parameter
-        task.max_tokens = room if max_tokens is None else min(max_tokens, room)
-        task_id = self._task_mgr.add_task(task, OutputStream(task, self._executor.tokenizer, stop))
+        task_id = self._task_mgr.add_task(
+            prompt, max_tokens, temperature, top_p, top_k, stream_callback=stream_callback, stop=stop, **sampling
+        )
         if threading.current_thread() is not self._loop_thread:
             release_thread_pool()  # the caller now waits for the loop: its idle workers would crowd the loop's
         return task_id
 
     def remove_task(self, task_id: str) -> bool:
         """Cancel a task: the loop ends it at its next step ("cancelled") and frees its pages."""
-        return self._task_mgr.cancel(task_id)
+        return bool(self._task_mgr.remove_task(task_id))
 
     def start(self) -> None:
         if self._loop_thread is not None:
@@ -237,8 +223,7 @@ class InferenceScheduler:
             self._reset_prefix.clear()
             self._page_cache.reset_prefix_cache()
             self._executor.weights_updated()
-        for task, output in self._task_mgr.drain_inbox():
-            self._outputs[task.task_id] = output
+        self._task_mgr.drain_inbox()
         for task in self._task_mgr.get_active_tasks() + self._task_mgr.get_waiting_tasks():
             if task.cancelled:
                 self._finish(task, "cancelled")
@@ -302,7 +287,7 @@ class InferenceScheduler:
         self._task_mgr.activate(task)
         self._stats.count("prefix_hit_tokens", cached)
         if not task.output_ids:  # first admission (not a recomputation after preemption)
-            self._outputs[task.task_id].cached_tokens = min(cached, task.input_tokens)
+            self._task_mgr.stream(task.task_id).cached_tokens = min(cached, task.input_tokens)
             self._stats.count("prompt_tokens_total", task.input_tokens)
 
     def _grow(self, task: Task) -> bool:
@@ -330,9 +315,9 @@ class InferenceScheduler:
         lens = chunk_lens + [1] * len(decode)
         try:
             if prefill:
-                logits = self._executor.execute_prefill(tasks, lens)
+                logits = self._executor.forward(tasks, lens)
             else:
-                logits = self._executor.execute_decode(decode)
+                logits = self._executor.forward_decode(decode)
         except Exception as exc:
             if prefill and len(tasks) > 1:  # find the culprit: each chunk alone, the decodes together
                 logger.warning("batched forward failed for %d tasks (%s); running its parts alone", len(tasks), exc)
@@ -380,7 +365,7 @@ class InferenceScheduler:
                 self._stats.first_token(task.first_token_time - task.arrival_time)
             self._stats.count("generation_tokens_total")
             reason = task.stop_reason()
-            output = self._outputs[task.task_id]
+            output = self._task_mgr.stream(task.task_id)
             output.push(token, visible=reason != "stop")
             if output.matched_stop is not None:
                 self._finish(task, "stop_sequence")
@@ -394,16 +379,11 @@ class InferenceScheduler:
         """Retire `task` with `reason`: free its pages, drop it from the queues, send its final event."""
         if task.status in (TaskStatus.FINISHED, TaskStatus.ABORTED):
             return
-        holds_pages = task.status is TaskStatus.RUNNING
-        task.finish(
-            TaskStatus.FINISHED if reason in ("stop", "stop_sequence", "length") else TaskStatus.ABORTED, reason, error
-        )
-        if holds_pages:
+        if task.status is TaskStatus.RUNNING:
             self._release_pages(task)
-        self._task_mgr.retire(task)
+        output = self._task_mgr.finish(task, reason, error)
         counter = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
         self._stats.count(counter)
-        output = self._outputs.pop(task.task_id, None)
         if output is None:
             return
         self._publish_stats()  # whoever reads the final event then sees stats that include it
@@ -428,8 +408,7 @@ class InferenceScheduler:
 
     def _end_all(self, reason: str) -> None:
         """The loop is stopping: end every task still queued or running."""
-        for task, output in self._task_mgr.drain_inbox():
-            self._outputs[task.task_id] = output
+        self._task_mgr.drain_inbox()
         for task in self._task_mgr.get_active_tasks() + self._task_mgr.get_waiting_tasks():
             try:
                 self._finish(task, reason)
