@@ -1,4 +1,11 @@
-"""Parallel building blocks shared by training and inference: process groups, launching, tensor-parallel layers."""
+"""Parallel building blocks shared by training and inference: process groups, launching, tensor-parallel layers.
+
+The executors and gradient accumulation (`BaseExecutor`, `NoneExecutor`, `DDPExecutor`, `FSDPExecutor`,
+`ExecutorFactory`, `GradientState`, `AccumOptimizer`, `AccumScheduler`) are training machinery in astrai-train
+(`astrai.trainer`); the architecture document lists them here, so they are importable from here too, loaded on
+first use (`astrai.parallel.lazy`): `from astrai.parallel import DDPExecutor` needs astrai-train installed,
+`import astrai.parallel` does not.
+"""
 
 from astrai.parallel.collectives import (
     copy_to_parallel_region,
@@ -7,6 +14,7 @@ from astrai.parallel.collectives import (
     scatter_to_parallel_region,
 )
 from astrai.parallel.launch import spawn_parallel_fn
+from astrai.parallel.lazy import lazy_exports
 from astrai.parallel.setup import (
     get_current_device,
     get_local_rank,
@@ -33,3 +41,16 @@ __all__ = [
     "setup_parallel",
     "spawn_parallel_fn",
 ]
+
+# Provided by astrai-train; not in __all__, so `from astrai.parallel import *` never needs it.
+TRAINING_EXPORTS = {
+    "BaseExecutor": "astrai.trainer.executor",
+    "NoneExecutor": "astrai.trainer.executor",
+    "DDPExecutor": "astrai.trainer.executor",
+    "FSDPExecutor": "astrai.trainer.executor",
+    "ExecutorFactory": "astrai.trainer.executor",
+    "GradientState": "astrai.trainer.accumulation",
+    "AccumOptimizer": "astrai.trainer.accumulation",
+    "AccumScheduler": "astrai.trainer.accumulation",
+}
+__getattr__, __dir__ = lazy_exports(__name__, TRAINING_EXPORTS, __all__)
