@@ -1,4 +1,11 @@
-"""`astrai.inference`: paged KV cache with prefix reuse, continuous batching, and the `InferenceEngine`."""
+"""`astrai.inference`: paged KV cache with prefix reuse, continuous batching, and the `InferenceEngine`.
+
+The serving classes the architecture document lists here (ChatMessage, ChatCompletionRequest, AnthropicMessage,
+MessagesRequest, ResponseBuilder, OpenAIResponseBuilder, AnthropicResponseBuilder, ProtocolHandler, GenContext)
+and `app` (`uvicorn astrai.inference:app`) come from astrai-serve on first access (`serve_exports`).
+"""
+
+from typing import Any
 
 from astrai.inference.cache import (
     Allocator,
@@ -25,6 +32,7 @@ from astrai.inference.sampling import (
     TopPStrategy,
 )
 from astrai.inference.scheduler import InferenceScheduler
+from astrai.inference.serve_exports import SERVE_NAMES, serve_attribute
 from astrai.inference.stats import SchedulerStats
 from astrai.inference.stop import StopChecker
 from astrai.inference.stream import FINISH_REASONS, GenerationEvent, OutputStream
@@ -66,3 +74,9 @@ __all__ = [
     "TopPStrategy",
     "cache_entry_shapes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in SERVE_NAMES:
+        return serve_attribute(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
