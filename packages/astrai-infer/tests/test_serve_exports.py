@@ -45,7 +45,8 @@ def test_serving_names_are_the_astrai_serve_classes(name):
 
 @pytest.mark.parametrize("name", ["ChatMessage", "GenContext", "app"])
 def test_without_astrai_serve_the_error_names_the_distribution(monkeypatch, name):
-    monkeypatch.setitem(sys.modules, "astrai.serve", None)  # what an environment without astrai-serve sees
+    for module in [m for m in sys.modules if m.startswith("astrai.serve")] + ["astrai.serve"]:
+        monkeypatch.setitem(sys.modules, module, None)  # what an environment without astrai-serve sees
     monkeypatch.setattr(serve_exports, "_app", None)
     with pytest.raises(ImportError, match=rf"astrai.inference.{name} is provided by the astrai-serve distribution"):
         getattr(astrai.inference, name)
