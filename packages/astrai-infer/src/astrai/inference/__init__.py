@@ -2,10 +2,11 @@
 
 The serving classes the architecture document lists here (ChatMessage, ChatCompletionRequest, AnthropicMessage,
 MessagesRequest, ResponseBuilder, OpenAIResponseBuilder, AnthropicResponseBuilder, ProtocolHandler, GenContext)
-and `app` (`uvicorn astrai.inference:app`) come from astrai-serve on first access (`serve_exports`).
+and `app` live in astrai-serve; they are importable from here too, loaded on first use (`astrai.parallel.lazy`):
+`from astrai.inference import ChatMessage` needs astrai-serve installed, `import astrai.inference` does not.
+`app` is the server of `astrai.serve.env_app`, configured by `ASTRAI_MODEL` and the other `ASTRAI_*` variables
+and built on first access, so `uvicorn astrai.inference:app` serves a model folder.
 """
-
-from typing import Any
 
 from astrai.inference.cache import (
     Allocator,
@@ -32,12 +33,12 @@ from astrai.inference.sampling import (
     TopPStrategy,
 )
 from astrai.inference.scheduler import InferenceScheduler
-from astrai.inference.serve_exports import SERVE_NAMES, serve_attribute
 from astrai.inference.stats import SchedulerStats
 from astrai.inference.stop import StopChecker
 from astrai.inference.stream import FINISH_REASONS, GenerationEvent, OutputStream
 from astrai.inference.task import Task, TaskStatus
 from astrai.inference.task_manager import LoopStoppedError, QueueFullError, TaskManager
+from astrai.parallel.lazy import lazy_exports
 
 __all__ = [
     "FINISH_REASONS",
@@ -76,7 +77,22 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in SERVE_NAMES:
-        return serve_attribute(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Provided by astrai-serve; not in __all__, so `from astrai.inference import *` never needs it (nor loads a model).
+SERVING_EXPORTS = {
+    "ChatMessage": "astrai.serve",
+    "ChatCompletionRequest": "astrai.serve",
+    "AnthropicMessage": "astrai.serve",
+    "MessagesRequest": "astrai.serve",
+    "ResponseBuilder": "astrai.serve",
+    "OpenAIResponseBuilder": "astrai.serve",
+    "AnthropicResponseBuilder": "astrai.serve",
+    "ProtocolHandler": "astrai.serve",
+    "GenContext": "astrai.serve",
+    "app": "astrai.serve.env_app",
+}
+__getattr__, _lazy_dir = lazy_exports(__name__, SERVING_EXPORTS, __all__)
+
+
+def __dir__() -> list[str]:
+    # Without `app`: whatever walks dir() (inspect.getmembers, help()) would otherwise load the environment's model.
+    return [name for name in _lazy_dir() if name != "app"]

@@ -1,8 +1,9 @@
 """`environment_app()`: the `create_app` server over an engine configured by environment variables.
 
-This is the app behind `uvicorn astrai.inference:app` (the architecture document's `app`; `astrai.inference`
-builds it on first access), for deployments that run uvicorn (or gunicorn with uvicorn workers) themselves
-instead of `astrai serve`. The variables mirror `astrai serve`'s options:
+This module's `app`, built on first access, is what `uvicorn astrai.inference:app` (the architecture document's
+`app`, re-exported lazily by `astrai.inference`) and `uvicorn astrai.serve.env_app:app` serve: for deployments
+that run uvicorn (or gunicorn with uvicorn workers) themselves instead of `astrai serve`. The variables
+mirror `astrai serve`'s options:
 
     ASTRAI_MODEL            model folder (config.json, weights, tokenizer files); required
     ASTRAI_DEVICE           torch device, e.g. cuda or cpu (default: where the model loads)
@@ -81,3 +82,11 @@ def environment_app(environ: Mapping[str, str] | None = None) -> FastAPI:
     options = engine_options(environ)
     engine = InferenceEngine.from_pretrained(options.pop("path"), **options)
     return create_app(engine, api_key=environ.get(API_KEY_ENV) or None)
+
+
+def __getattr__(name: str) -> Any:
+    # `app` (PEP 562): built from os.environ on first access, not at import, and kept.
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    app = globals()["app"] = environment_app()
+    return app
