@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rng_http, rng_peer = random.Random(args.seed + 1), random.Random(args.seed + 2)
         http_jobs = [(_messages(words, rng_http), out) for words, out in shape]
         peer_jobs = [(_messages(words, rng_peer), out) for words, out in shape]
-        with _serve(create_app(engine)) as url:  # the app's lifespan shuts the engine down at the end
+        app = create_app(engine, served_model_names=["bench"])
+        with _serve(app) as url:  # the app's lifespan shuts the engine down at the end
             warm = {"model": "bench", "messages": _messages(8, random.Random(-1)), "max_tokens": 4}
             httpx.post(f"{url}/v1/chat/completions", json=warm, timeout=600).raise_for_status()
             peer = _summary(*asyncio.run(_engine_run(engine, peer_jobs, clients)))

@@ -141,7 +141,7 @@ class FakeEngine:
         max_seq_len: int = 256,
         max_batch_size: int = 64,
         max_queue: int = 256,
-        model_name: str = "fake-model",
+        model_name: str = "m",  # the name the tests ask for
     ) -> None:
         self.tokenizer = FakeTokenizer()
         self.reply = reply

@@ -13,10 +13,13 @@ from astrai.serve import create_app
 
 def test_health_follows_the_engine_loop(server):
     r = httpx.get(f"{server.url}/health", timeout=10)
-    assert (r.status_code, r.json()) == (200, {"status": "ok"})
+    assert (r.status_code, r.json()) == (200, {"status": "ok", "model_loaded": True})
+    r = httpx.head(f"{server.url}/health", timeout=10)  # load balancers probe with HEAD
+    assert (r.status_code, r.content) == (200, b"")
     server.engine.crash()
     r = httpx.get(f"{server.url}/health", timeout=10)
     assert (r.status_code, r.json()["status"]) == (503, "unavailable")
+    assert httpx.head(f"{server.url}/health", timeout=10).status_code == 503
 
 
 def test_stats_and_metrics(server):
@@ -36,8 +39,33 @@ def test_models_in_both_shapes(make_server):
     assert [m.id for m in server.openai().models.list()] == ["served-name"]
     page = server.anthropic().models.list()
     assert [(m.id, m.type) for m in page.data] == [("served-name", "model")]
-    r = server.openai().chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+    r = server.openai().chat.completions.create(model="served-name", messages=[{"role": "user", "content": "x"}])
     assert r.model == "served-name"
+
+
+def test_requests_for_a_model_not_served_get_404_in_each_protocol(make_server):
+    import anthropic
+    import openai
+
+    server = make_server(served_model_names=["main", "alias"])
+    assert [m.id for m in server.openai().models.list()] == ["main", "alias"]
+    assert [m.id for m in server.anthropic().models.list().data] == ["main", "alias"]
+    r = server.openai().chat.completions.create(model="alias", messages=[{"role": "user", "content": "x"}])
+    assert r.model == "main"  # as vLLM: responses report the first served name
+    with pytest.raises(openai.NotFoundError) as caught:
+        server.openai().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.body == {
+        "message": "The model `gpt-4o` does not exist.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "not_found",
+    }
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        server.anthropic().messages.create(model="claude-x", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    assert caught.value.body["error"] == {"type": "not_found_error", "message": "The model `claude-x` does not exist."}
+    with pytest.raises(anthropic.NotFoundError):
+        server.anthropic().messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "x"}])
+    assert server.engine.submitted.qsize() == 1  # only the request for "alias"
 
 
 def test_unknown_paths_and_methods_in_each_protocol_shape(server):
@@ -50,6 +78,18 @@ def test_unknown_paths_and_methods_in_each_protocol_shape(server):
     }
     r = httpx.get(f"{server.url}/v1/messages", timeout=10)
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.headers["allow"] == "POST"  # RFC 9110: a 405 lists the methods the resource allows
+
+
+def test_openapi_documents_the_400_the_server_sends(server):
+    schema = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    for path, error_schema in (("/v1/chat/completions", "OpenAIErrorBody"), ("/v1/messages", "AnthropicErrorBody")):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert "422" not in responses
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith(error_schema)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []}, timeout=10)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_lifespan_shuts_the_engine_down(serve_app, fake_engine):

@@ -73,7 +73,7 @@ def real(model_dir, serve_app):
         return handle
 
     engine.submit = recording_submit
-    with serve_app(create_app(engine)) as url:
+    with serve_app(create_app(engine, served_model_names=["m"])) as url:
         yield engine, url, handles, submitted, cancelled
 
 
@@ -104,7 +104,7 @@ def test_openai_plain_and_stream_match_the_engine(real):
     r = client.chat.completions.create(model="m", messages=USER, **greedy)
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == (expected, "length")
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, 12)
-    assert r.model == engine.model_name
+    assert r.model == "m"  # the served name, not the folder's
     chunks = list(
         client.chat.completions.create(
             model="m", messages=USER, stream=True, stream_options={"include_usage": True}, **greedy
@@ -210,7 +210,7 @@ def test_non_streaming_disconnect_cancels_in_the_engine(real):
 def test_health_stats_and_metrics_from_the_real_engine(real):
     engine, url, *_ = real
     _openai(url).chat.completions.create(model="m", messages=USER, max_tokens=4)
-    assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
+    assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok", "model_loaded": True}
     stats = httpx.get(f"{url}/stats", timeout=10).json()
     assert stats["requests_finished"] >= 1 and stats["loop_alive"] is True
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
@@ -242,6 +242,34 @@ def test_astrai_serve_command(model_dir):
         assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
         models = httpx.get(f"{url}/v1/models", headers={"x-api-key": "cli-key"}, timeout=10).json()
         assert models["data"][0]["id"] == model_dir.name
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_astrai_serve_names_limits_and_timeouts(model_dir):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "astrai.cli.main", "serve", "--model", str(model_dir), "--port", str(port)]
+    cmd += ["--served-model-name", "tiny", "tiny-alias", "--max-request-bytes", "4000", "--timeout-header", "0.5"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "ASTRAI_API_KEY": ""}, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "Uvicorn running" in line:
+                break
+        url = f"http://127.0.0.1:{port}"
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]] == ["tiny", "tiny-alias"]
+        ask = {"model": "tiny-alias", "messages": USER, "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=30)
+        assert (r.status_code, r.json()["model"]) == (200, "tiny")
+        r = httpx.post(f"{url}/v1/chat/completions", json={**ask, "model": model_dir.name}, timeout=30)
+        assert r.status_code == 404
+        big = {**ask, "messages": [{"role": "user", "content": "x" * 5000}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=big, timeout=30).status_code == 413
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as idle:
+            idle.sendall(b"GET /health HTTP/1.1\r\n")  # a head that never completes
+            assert idle.recv(100) == b""  # closed by the server after the 0.5 s header timeout
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from astrai.serve.fields import StopSequences, TextBlock, joined_text
+from astrai.serve.fields import STRICT, Count, StopSequences, Text, TextBlock, TopK, joined_text
 
 
 class AnthropicMessage(BaseModel):
     """One message of the conversation."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["user", "assistant", "system"]
-    content: str | list[TextBlock]
+    content: Text | list[TextBlock]
 
     @property
     def text(self) -> str:
@@ -31,15 +31,15 @@ class AnthropicMessage(BaseModel):
 class MessagesRequest(BaseModel):
     """Body of `POST /v1/messages`; `None` means "the engine's default" for every sampling field."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = STRICT
 
     model: str | None = None
-    max_tokens: int = Field(ge=1)
+    max_tokens: Count
     messages: list[AnthropicMessage] = Field(min_length=1)
-    system: str | list[TextBlock] | None = None
+    system: Text | list[TextBlock] | None = None
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: TopK | None = None
     stream: bool | None = False
     stop_sequences: StopSequences | None = None
     tools: list[dict[str, Any]] | None = None
@@ -55,8 +55,8 @@ class MessagesRequest(BaseModel):
 class CountTokensRequest(BaseModel):
     """Body of `POST /v1/messages/count_tokens`: a messages request without generation settings."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
     messages: list[AnthropicMessage] = Field(min_length=1)
-    system: str | list[TextBlock] | None = None
+    system: Text | list[TextBlock] | None = None

@@ -2,13 +2,18 @@
 
 Endpoints: `POST /v1/chat/completions` (OpenAI), `POST /v1/messages` and `POST /v1/messages/count_tokens`
 (Anthropic), `GET /v1/models` (OpenAI's list shape, or Anthropic's when the request carries an
-`anthropic-version` header), `GET /health` (200 while the engine loop runs, else 503), `GET /stats` (the
-engine's `get_stats()`), `GET /metrics` (Prometheus text).
+`anthropic-version` header), `GET|HEAD /health` (200 while the engine loop runs, else 503), `GET /stats`
+(the engine's `get_stats()`), `GET /metrics` (Prometheus text).
+
+The server answers to the names in `served_model_names` (the first is reported in responses); a request
+naming another model is a 404, as in vLLM. A request body over `max_request_bytes` is a 413 before it is
+read (`BodyLimitMiddleware`). The prompt is rendered and tokenised in a worker thread, so one large request
+or slow chat template never stalls the event loop (health checks, streams of other requests).
 
 Every error a client can see is in the error shape of the protocol its path belongs to (`/v1/messages...`
 is Anthropic, everything else OpenAI): FastAPI's validation errors (answered 400, not 422, as both
 APIs do), HTTP errors such as 404, refused API keys (401), overload (429 / Anthropic 529, with
-`retry-after`) and unexpected failures (500). The app holds no module-level state: everything lives in
+`retry-after`) and unexpected failures (500); the OpenAPI schema documents those 400s. The app holds no module-level state: everything lives in
 the closure of `create_app`, and the lifespan shuts the engine down when the server stops.
 """
 
@@ -17,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -30,9 +35,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from astrai.serve.anthropic_builder import AnthropicResponseBuilder
 from astrai.serve.anthropic_schema import CountTokensRequest, MessagesRequest
 from astrai.serve.auth import APIKeyMiddleware
-from astrai.serve.builder import ResponseBuilder
-from astrai.serve.errors import APIError
+from astrai.serve.builder import TEMPLATE_TIME_LIMIT_S, ResponseBuilder
+from astrai.serve.errors import ANTHROPIC_ERRORS, OPENAI_ERRORS, APIError
 from astrai.serve.handler import ProtocolHandler
+from astrai.serve.limits import BodyLimitMiddleware, default_max_request_bytes
 from astrai.serve.metrics import CONTENT_TYPE, render_metrics
 from astrai.serve.openai_builder import OpenAIResponseBuilder
 from astrai.serve.openai_schema import ChatCompletionRequest
@@ -72,28 +78,46 @@ def create_app(
     api_key: str | None = None,
     max_queue: int | None = None,
     model_name: str | None = None,
+    served_model_names: Sequence[str] | None = None,
+    max_request_bytes: int | None = None,
+    template_time_limit: float = TEMPLATE_TIME_LIMIT_S,
 ) -> FastAPI:
     """A FastAPI app serving `engine`; see the module docstring.
 
     api_key: when set, every endpoint but `/health` requires it (`Authorization: Bearer` or `x-api-key`).
     max_queue: when set, a request that would leave more than this many requests waiting in the engine is
         refused with 429 / 529 (the engine's own `max_queue` is enforced either way).
-    model_name: the name reported in responses and `/v1/models` (default: `engine.model_name`).
+    served_model_names: the model names requests may ask for; the first is reported in responses and all
+        are listed by `/v1/models` (default: `[model_name]`, and `model_name` defaults to `engine.model_name`).
+    max_request_bytes: the largest request body accepted (default: `default_max_request_bytes` of the
+        engine's context length).
+    template_time_limit: seconds one request's chat template may take to render before it is refused (400).
     """
     if max_queue is not None and max_queue < 1:
         raise ValueError(f"max_queue must be >= 1 or None, got {max_queue}")
-    name = model_name or engine.model_name
-    openai_builder = OpenAIResponseBuilder(name)
-    anthropic_builder = AnthropicResponseBuilder(name)
+    names = list(served_model_names or [model_name or engine.model_name])
+    if any(not isinstance(n, str) or not n for n in names):
+        raise ValueError(f"served_model_names must be non-empty strings, got {names!r}")
+    name = names[0]
+    max_request_bytes = max_request_bytes or default_max_request_bytes(engine.max_seq_len)
+    openai_builder = OpenAIResponseBuilder(name, template_time_limit=template_time_limit)
+    anthropic_builder = AnthropicResponseBuilder(name, template_time_limit=template_time_limit)
     started = time.time()
 
     def builder_for(path: str) -> ResponseBuilder:
         return anthropic_builder if path.startswith("/v1/messages") else openai_builder
 
-    def error_response(path: str, status: int, message: str, param: str | None = None) -> JSONResponse:
+    def error_response(
+        path: str, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> JSONResponse:
         wire_status, body = builder_for(path).error_body(status, message, param)
-        headers = {"retry-after": RETRY_AFTER_S} if status == 429 else None
+        if status == 429:
+            headers = {**(headers or {}), "retry-after": RETRY_AFTER_S}
         return JSONResponse(body, status_code=wire_status, headers=headers)
+
+    def check_model(requested: str | None) -> None:
+        if requested is not None and requested not in names:
+            raise APIError(404, f"The model `{requested}` does not exist.", "model")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -109,6 +133,7 @@ def create_app(
         strict_content_type=False,  # a body without Content-Type is read as JSON (curl, simple clients)
     )
     app.state.engine = engine
+    app.openapi = lambda: _openapi_with_400s(app)  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
@@ -121,7 +146,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(request.url.path, exc.status_code, str(exc.detail))
+        return error_response(request.url.path, exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -134,45 +159,64 @@ def create_app(
             api_key=api_key,
             reject=lambda path: error_response(path, 401, "invalid or missing API key"),
         )
+    app.add_middleware(  # outermost: an oversized body is refused before anything else looks at it
+        BodyLimitMiddleware,
+        max_bytes=max_request_bytes,
+        reject=lambda path, message: error_response(path, 413, message),
+    )
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=OPENAI_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        check_model(body.model)
         handler = ProtocolHandler(body, engine, openai_builder, http_request=request, max_queue=max_queue)
         return await handler.handle()
 
-    @app.post("/v1/messages", response_model=None)
+    @app.post("/v1/messages", response_model=None, responses=ANTHROPIC_ERRORS)
     async def messages(body: MessagesRequest, request: Request) -> Any:
+        check_model(body.model)
         handler = ProtocolHandler(body, engine, anthropic_builder, http_request=request, max_queue=max_queue)
         return await handler.handle()
 
-    @app.post("/v1/messages/count_tokens")
+    @app.post("/v1/messages/count_tokens", responses=ANTHROPIC_ERRORS)
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
-        prompt_ids = anthropic_builder.encode_prompt(engine, anthropic_builder.chat_messages(body))
+        check_model(body.model)
+        prompt_ids = await asyncio.to_thread(
+            anthropic_builder.encode_prompt, engine, anthropic_builder.chat_messages(body)
+        )
         return {"input_tokens": len(prompt_ids)}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         if "anthropic-version" in request.headers:
             created_at = datetime.fromtimestamp(started, UTC).isoformat().replace("+00:00", "Z")
-            entry = {
-                "type": "model",
-                "id": name,
-                "display_name": name,
-                "created_at": created_at,
-                "lifecycle": "active",
-                "max_input_tokens": engine.max_seq_len,
-            }
-            return {"data": [entry], "has_more": False, "first_id": name, "last_id": name}
+            entries = [
+                {
+                    "type": "model",
+                    "id": served,
+                    "display_name": served,
+                    "created_at": created_at,
+                    "lifecycle": "active",
+                    "max_input_tokens": engine.max_seq_len,
+                }
+                for served in names
+            ]
+            return {"data": entries, "has_more": False, "first_id": names[0], "last_id": names[-1]}
         return {
             "object": "list",
-            "data": [{"id": name, "object": "model", "created": int(started), "owned_by": "astrai"}],
+            "data": [
+                {"id": served, "object": "model", "created": int(started), "owned_by": "astrai"} for served in names
+            ],
         }
 
     @app.get("/health", response_model=None)
-    async def health() -> Response | dict[str, str]:
+    @app.head("/health", response_model=None, include_in_schema=False)  # load balancers probe with HEAD
+    async def health() -> Response | dict[str, Any]:
         if engine.is_alive():
-            return {"status": "ok"}
-        return JSONResponse({"status": "unavailable", "detail": "the engine loop is not running"}, status_code=503)
+            return {"status": "ok", "model_loaded": True}
+        return JSONResponse(
+            {"status": "unavailable", "model_loaded": True, "detail": "the engine loop is not running"},
+            status_code=503,
+        )
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
@@ -183,3 +227,17 @@ def create_app(
         return PlainTextResponse(render_metrics(engine.get_stats()), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _openapi_with_400s(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without the 422 it documents for every body: this server answers those with 400."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -7,6 +7,11 @@ per-request state, so one instance per protocol serves every request of an app.
 
 Server-sent events are framed here (`sse`): every event ends with a blank line, as the SSE specification and
 both official SDKs require (the original ended events with a single newline, so clients merged them).
+
+`encode_prompt` is the one place a request's text reaches the tokenizer. It refuses text far longer than
+the context could hold before tokenising it (`MAX_CHARS_PER_TOKEN` characters per token of context), and
+renders the chat template under `render_time_limit`, so a template that never finishes fails that request.
+The app runs `prepare` in a worker thread, so neither blocks other requests.
 """
 
 from __future__ import annotations
@@ -17,9 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from astrai.serve.context import GenContext
 from astrai.serve.errors import APIError
+from astrai.tokenize.chat_template import render_time_limit
 
 if TYPE_CHECKING:
     from astrai.inference import InferenceEngine
+
+
+# No tokenizer packs more text than this into a token on average; a prompt longer than this many characters per
+# token of context cannot fit, and is refused before the tokenizer spends time on it.
+MAX_CHARS_PER_TOKEN = 32
+TEMPLATE_TIME_LIMIT_S = 5.0  # default bound on rendering one request's chat template
 
 
 def sse(data: dict[str, Any] | str, event: str | None = None) -> str:
@@ -51,8 +63,9 @@ def check_context(prompt_tokens: int, max_tokens: int | None, max_seq_len: int, 
 class ResponseBuilder(ABC):
     """Protocol-specific request reading and response writing; see the module docstring."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, *, template_time_limit: float = TEMPLATE_TIME_LIMIT_S) -> None:
         self.model_name = model_name  # reported in every response's `model` field
+        self.template_time_limit = template_time_limit  # seconds one chat-template render may take
 
     @abstractmethod
     def prepare(self, request: Any, engine: InferenceEngine) -> tuple[list[int], GenContext, list[str]]:
@@ -85,15 +98,24 @@ class ResponseBuilder(ABC):
     def error_body(self, status: int, message: str, param: str | None) -> tuple[int, dict[str, Any]]:
         """The (HTTP status, JSON body) of a refused request in this protocol's error shape."""
 
-    @staticmethod
-    def encode_prompt(engine: InferenceEngine, messages: list[dict[str, str]]) -> list[int]:
+    def encode_prompt(self, engine: InferenceEngine, messages: list[dict[str, str]]) -> list[int]:
         """Render `messages` ({"role", "content"} dicts) with the chat template and tokenise them, once.
 
         A chat template is Jinja code run on the client's messages, and templates reject conversations they
         do not support (`raise_exception("roles must alternate")`, ...), with whatever exception type the
-        template engine uses; such a refusal is the request's fault, so it is a 400, never a 500.
+        template engine uses; such a refusal, or a render past `template_time_limit`, is the request's
+        fault, so it is a 400, never a 500.
         """
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > MAX_CHARS_PER_TOKEN * engine.max_seq_len:
+            raise APIError(
+                400,
+                f"the messages have {chars} characters, more than a prompt within the model's context length of "
+                f"{engine.max_seq_len} tokens can have (at most {MAX_CHARS_PER_TOKEN} characters per token)",
+                "messages",
+            )
         try:
-            return list(engine.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+            with render_time_limit(self.template_time_limit):
+                return list(engine.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
         except Exception as exc:
             raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages") from exc

@@ -6,6 +6,7 @@ torch, uvicorn and the engine are imported inside `run`, so `astrai --help` stay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from astrai.inference.cli import add_engine_speed_options, engine_speed_options
 
 DTYPES = ("float32", "bfloat16", "float16")
 API_KEY_ENV = "ASTRAI_API_KEY"
+HEADER_TIMEOUT_S = 20.0  # as Apache's RequestReadTimeout header=20
+KEEP_ALIVE_TIMEOUT_S = 5.0  # uvicorn's own default
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +36,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"require this key (Bearer or x-api-key) on every endpoint but /health (default: ${API_KEY_ENV})",
     )
     add_engine_speed_options(parser)
-    parser.add_argument("--model-name", default=None, help="name reported to clients (default: folder name)")
+    parser.add_argument(
+        "--served-model-name",
+        "--model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="names requests may use for the model; the first is reported in responses (default: folder name)",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="largest request body accepted, else 413 (default: 64 bytes per token of context, at least 1 MiB)",
+    )
+    parser.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=KEEP_ALIVE_TIMEOUT_S,
+        help="seconds an idle keep-alive connection stays open (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout-header",
+        type=float,
+        default=HEADER_TIMEOUT_S,
+        help="seconds a connection may take to send a request's headers (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(run=run)
 
@@ -46,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     from astrai.inference import InferenceEngine
     from astrai.serve.app import create_app
+    from astrai.serve.server import server_config
 
     engine = InferenceEngine.from_pretrained(
         args.model,
@@ -58,6 +87,20 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         **engine_speed_options(args),
     )
-    app = create_app(engine, api_key=args.api_key or None, model_name=args.model_name)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(
+        engine,
+        api_key=args.api_key or None,
+        served_model_names=args.served_model_name,
+        max_request_bytes=args.max_request_bytes,
+    )
+    config = server_config(
+        app,
+        host=args.host,
+        port=args.port,
+        header_timeout=args.timeout_header,
+        keep_alive_timeout=args.timeout_keep_alive,
+        log_level=args.log_level,
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a clean shutdown (as uvicorn.run)
+        uvicorn.Server(config).run()
     return 0

@@ -96,7 +96,8 @@ class ProtocolHandler:
         self.max_queue = max_queue
 
     async def handle(self) -> StreamingResponse | Response | dict[str, Any]:
-        prompt_ids, ctx, stops = self.builder.prepare(self.request, self.engine)
+        # Rendering and tokenising a long prompt takes a while: keep the event loop serving other requests.
+        prompt_ids, ctx, stops = await asyncio.to_thread(self.builder.prepare, self.request, self.engine)
         handles = self._submit(prompt_ids, ctx, stops)
         if ctx.stream:
             return self._handle_stream(handles, ctx)

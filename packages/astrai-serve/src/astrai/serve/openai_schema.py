@@ -8,23 +8,32 @@ many optional ones); fields that ask for output this server cannot produce (`too
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, Strict, field_validator, model_validator
 
-from astrai.serve.fields import StopSequences, TextBlock, joined_text
+from astrai.serve.fields import STRICT, Count, StopSequences, Text, TextBlock, TopK, joined_text
 
 MAX_CHOICES = 16  # upper bound on `n`: each choice is an independent engine request
 
 
 class ChatMessage(BaseModel):
-    """One chat message. `content` is a string or a list of text parts (joined with newlines)."""
+    """One chat message. `content` is a string or a list of text parts (joined with newlines).
 
-    model_config = ConfigDict(extra="ignore")
+    Only an assistant message may leave `content` out (or null), as in the OpenAI API.
+    """
+
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextBlock] | None = None
+    content: Text | list[TextBlock] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _require_content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message must have content")
+        return self
 
     @property
     def text(self) -> str:
@@ -32,7 +41,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     include_usage: bool = False
 
@@ -40,23 +49,24 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """Body of `POST /v1/chat/completions`; `None` means "the engine's default" for every sampling field."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = STRICT
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name; wins over max_tokens
+    top_k: TopK | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None  # the newer name; wins over max_tokens
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | StopSequences | None = None
+    stop: Text | StopSequences | None = None
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    logit_bias: dict[int, float] | None = None  # JSON keys are strings; pydantic parses them as token ids
+    # JSON object keys are strings: the token ids are parsed from them (the one lax field)
+    logit_bias: dict[Annotated[int, Strict(False)], float] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = None
     ignore_eos: bool | None = False

@@ -8,7 +8,7 @@ Each step is an `astrai` command a user can run by hand (the README's tour runs 
     astrai data build --kind text --input WORK/corpus.jsonl --tokenizer WORK/tokenizer --output WORK/data
     astrai train --config WORK/run.yaml --overwrite      (writes the servable model to WORK/model)
     astrai generate --model WORK/model --prompt ...       (needs astrai-infer)
-    astrai serve --model WORK/model --port P              (needs astrai-serve; one chat request is sent)
+    astrai serve --model WORK/model --port P --served-model-name demo   (needs astrai-serve; one request is sent)
 
 The data and training steps run in this process; generation and serving run as child processes, as they
 would on a serving box (training code never imports inference code).
@@ -177,7 +177,8 @@ def _serve(model: Path, keep_serving: bool) -> str:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "astrai.cli", "serve", "--model", str(model), "--port", str(port)]
-    print(f"\n== serving: astrai serve --model {model} --port {port}", flush=True)
+    command += ["--served-model-name", "demo"]  # the name the requests below use
+    print(f"\n== serving: astrai serve --model {model} --port {port} --served-model-name demo", flush=True)
     server = subprocess.Popen(command)
     try:
         _wait_healthy(url, server, timeout=120)
