@@ -67,6 +67,9 @@ def test_valid_extremes_are_accepted():
         frequency_penalty=2.0, repetition_penalty=1.3, seed=2**64 - 1, stop_token_ids=[0], logit_bias={3: -100},
     )  # fmt: skip
     assert task.prompt_ids == [1, 2] and task.stop_token_ids == frozenset({0})
+    largest = 2**31 - 1  # int32 on the device
+    task = Task("t", [largest], max_tokens=largest, top_k=largest, stop_token_ids=[largest], logit_bias={largest: 1})
+    assert (task.max_tokens, task.top_k) == (largest, largest)
 
 
 @pytest.mark.parametrize(
@@ -79,12 +82,16 @@ def test_valid_extremes_are_accepted():
         ("max_tokens", 0),
         ("max_tokens", -5),
         ("max_tokens", True),
+        ("max_tokens", 2**63),
+        ("prompt_ids", [2**31]),
         ("temperature", -0.1),
         ("temperature", float("nan")),
         ("temperature", float("inf")),
         ("top_p", 1.5),
         ("top_k", -1),
         ("top_k", 2.5),
+        ("top_k", 2**63),
+        ("top_k", 2**31),
         ("presence_penalty", 2.5),
         ("frequency_penalty", -3),
         ("repetition_penalty", 0),
@@ -92,6 +99,8 @@ def test_valid_extremes_are_accepted():
         ("seed", -1),
         ("seed", 2**64),
         ("stop_token_ids", {-2}),
+        ("stop_token_ids", {2**63}),
+        ("logit_bias", {2**63: 1.0}),
         ("logit_bias", {1: 101.0}),
         ("logit_bias", {-1: 1.0}),
     ],
@@ -100,3 +109,11 @@ def test_bad_parameters_raise_value_error_naming_the_field(field, value):
     kwargs = {"task_id": "t", "prompt_ids": [1], field: value}
     with pytest.raises(ValueError, match=field):
         Task(**kwargs)
+
+
+@pytest.mark.parametrize("field", ["top_k", "max_tokens"])
+def test_sampling_params_refuse_counts_the_engine_cannot_hold(field):
+    from astrai.inference import SamplingParams
+
+    with pytest.raises(ValueError, match=rf"{field}=9223372036854775808: must be an integer in \["):
+        SamplingParams(**{field: 2**63})

@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 _SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
+MAX_COUNT = 2**31 - 1  # the largest count (max_tokens, top_k) or token id the loop holds: int32 on the device
 
 
 class TaskStatus(enum.Enum):
@@ -69,14 +70,14 @@ class Task:
         self.prompt_ids = list(self.prompt_ids)
         if not self.prompt_ids:
             raise ValueError("prompt_ids=[]: the prompt must hold at least one token")
-        if not all(_is_int(t) and t >= 0 for t in self.prompt_ids):
-            raise ValueError(f"prompt_ids={_short(self.prompt_ids)}: must be non-negative integer token ids")
-        if self.max_tokens is not None and not (_is_int(self.max_tokens) and self.max_tokens >= 1):
-            raise ValueError(f"max_tokens={self.max_tokens!r}: must be a positive integer or None")
+        if not all(_is_count(t, 0) for t in self.prompt_ids):
+            raise ValueError(f"prompt_ids={_short(self.prompt_ids)}: must be integer token ids in [0, 2**31)")
+        if self.max_tokens is not None and not _is_count(self.max_tokens, 1):
+            raise ValueError(f"max_tokens={self.max_tokens!r}: must be an integer in [1, 2**31) or None")
         _check_number("temperature", self.temperature, 0.0, math.inf)
         _check_number("top_p", self.top_p, 0.0, 1.0)
-        if not (_is_int(self.top_k) and self.top_k >= 0):
-            raise ValueError(f"top_k={self.top_k!r}: must be a non-negative integer (0 disables top-k)")
+        if not _is_count(self.top_k, 0):
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer in [0, 2**31) (0 disables top-k)")
         _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_number("repetition_penalty", self.repetition_penalty, 0.0, math.inf)
@@ -85,11 +86,11 @@ class Task:
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < _SEED_LIMIT):
             raise ValueError(f"seed={self.seed!r}: must be an integer in [0, 2**64) or None")
         self.stop_token_ids = frozenset(self.stop_token_ids)
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids={sorted(self.stop_token_ids)}: must be non-negative token ids")
+        if not all(_is_count(t, 0) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={sorted(self.stop_token_ids)}: must be token ids in [0, 2**31)")
         for token, bias in self.logit_bias.items():
-            if not (_is_int(token) and token >= 0):
-                raise ValueError(f"logit_bias key {token!r}: must be a non-negative token id")
+            if not _is_count(token, 0):
+                raise ValueError(f"logit_bias key {token!r}: must be a token id in [0, 2**31)")
             _check_number(f"logit_bias[{token}]", bias, -100.0, 100.0)
         self.output_ids = list(self.output_ids)
         self.input_tokens = len(self.prompt_ids)
@@ -142,6 +143,10 @@ class Task:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: Any, low: int) -> bool:
+    return _is_int(value) and low <= value <= MAX_COUNT
 
 
 def _check_number(name: str, value: Any, low: float, high: float) -> None:

@@ -17,8 +17,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from astrai.inference.task import MAX_COUNT  # the largest top_k / max_tokens the engine holds
+
 MAX_STOP_SEQUENCES = 16
-MAX_COUNT = 2**31 - 1  # the largest top_k / max_tokens the engine holds (int32 on the device)
 
 # Schema config shared by every request model: unknown fields ignored (clients send many optional ones),
 # no NaN/inf, no coercion of strings or booleans into numbers and vice versa.
