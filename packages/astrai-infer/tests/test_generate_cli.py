@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from astrai.cli.main import main
 
 GREEDY = ["--temperature", "0", "--max-tokens", "6"]
@@ -54,3 +57,13 @@ def test_bad_arguments_are_reported_without_a_traceback(model_dir, tmp_path, cap
     bad.write_text('{"prompt": "ok"}\n[1, 2]\n')
     assert _generate(model_dir, "--input", str(bad)) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+    assert _generate(model_dir, "--input", str(tmp_path / "nope.jsonl")) == 2
+    assert capsys.readouterr().err.strip() == f"astrai generate: error: --input {tmp_path / 'nope.jsonl'}: no such file"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_one_line(model_dir, capsys):
+    assert _generate(model_dir, "--prompt", "Hi", "--device", "cuda") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("astrai generate: error: device 'cuda': CUDA is not available on this machine")
+    assert "\n" not in err

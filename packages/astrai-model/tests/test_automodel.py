@@ -122,6 +122,34 @@ def test_missing_shard_is_an_error(tmp_path, lm_config):
         AutoModel.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "ABSOLUTE", "link.safetensors"])
+def test_an_index_naming_shards_outside_the_folder_is_refused(tmp_path, lm_config, escape):
+    folder = tmp_path / "model"
+    AutoRegressiveLM(lm_config()).save_pretrained(folder, max_shard_bytes=30_000)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    victim = sorted(folder.glob("model-00002-of-*.safetensors"))[0]
+    outside = tmp_path / "outside.safetensors"
+    victim.rename(outside)  # a readable safetensors file, just not in the folder
+    if escape == "ABSOLUTE":
+        escape = str(outside)
+    elif escape == "link.safetensors":
+        (folder / escape).symlink_to(outside)
+    index["weight_map"] = {n: escape if f == victim.name else f for n, f in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="is outside the model folder; shards must be files inside it"):
+        AutoModel.from_pretrained(folder)
+
+
+def test_a_device_the_machine_lacks_is_a_value_error(tmp_path, lm_config):
+    AutoRegressiveLM(lm_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="device 'gpu0' is not a torch device"):
+        AutoModel.from_pretrained(tmp_path, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available on this machine"):
+            AutoModel.from_pretrained(tmp_path, device="cuda")
+
+
 def test_from_config_and_registry(lm_config, encoder_config):
     assert type(AutoModel.from_config(lm_config())) is AutoRegressiveLM
     assert type(AutoModel.from_config(encoder_config())) is EmbeddingEncoder

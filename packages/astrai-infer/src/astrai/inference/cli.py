@@ -91,6 +91,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise ValueError(f"--input {path}: no such file")
     records = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):

@@ -1,5 +1,9 @@
 """Reading and writing a folder's weights as safetensors: one `model.safetensors`, or shards listed by
 `model.safetensors.index.json` (the layout transformers writes, `{"metadata": ..., "weight_map": {name: file}}`).
+
+A model folder may come from anywhere, so its index is not trusted: a shard must be a file inside the folder
+(`../x` or an absolute path is refused, as is a link leading out of it). `resolve_device` turns a device the
+machine does not have (`cuda` on a CPU-only torch) into a `ValueError` that says so.
 """
 
 from __future__ import annotations
@@ -24,24 +28,55 @@ def weights_source(folder: Path) -> Path:
     raise ValueError(f"{folder}: no weights found (expected {SINGLE_FILE} or {INDEX_FILE})")
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """`device` (default CPU) as a `torch.device`; ValueError for a name torch does not know or a GPU not here."""
+    try:
+        resolved = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps): {exc}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(
+                f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, {build})"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    return resolved
+
+
+def _shard_path(folder: Path, source: Path, shard: object) -> Path:
+    """The path of one shard named by the index, which must be a file inside `folder`."""
+    if not isinstance(shard, str) or not shard:
+        raise ValueError(f"{source}: shard names must be non-empty strings, got {shard!r}")
+    path = (folder / shard).resolve()
+    if Path(shard).is_absolute() or not path.is_relative_to(folder.resolve()):
+        raise ValueError(f"{source}: shard {shard!r} is outside the model folder; shards must be files inside it")
+    return path
+
+
 def load_weight_files(folder: Path, device: torch.device | str | None = None) -> dict[str, Tensor]:
     """Every tensor of the folder's safetensors weights, loaded onto `device` (default CPU)."""
     source = weights_source(folder)
-    device = str(torch.device(device or "cpu"))
+    device = str(resolve_device(device))
     if source.name == SINGLE_FILE:
         return _read(source, device, names=None)
     try:
         weight_map = json.loads(source.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{source}: not a valid safetensors index ({exc!r})") from None
-    by_shard: dict[str, list[str]] = {}
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{source}: weight_map must map tensor names to shard files")
+    by_shard: dict[Path, list[str]] = {}
     for name, shard in weight_map.items():
-        by_shard.setdefault(shard, []).append(name)
+        by_shard.setdefault(_shard_path(folder, source, shard), []).append(name)
     tensors: dict[str, Tensor] = {}
     for shard, names in sorted(by_shard.items()):
-        if not (folder / shard).is_file():
-            raise ValueError(f"{source}: shard {shard} (holding {names[:3]}...) does not exist")
-        tensors.update(_read(folder / shard, device, names))
+        if not shard.is_file():
+            raise ValueError(f"{source}: shard {shard.name} (holding {names[:3]}...) does not exist")
+        tensors.update(_read(shard, device, names))
     return tensors
 
 
