@@ -253,7 +253,6 @@ def test_mla_config():
         (dict(qk_nope_head_dim=0), "qk_nope_head_dim"),
         (dict(q_lora_rank=0), "q_lora_rank"),
         (dict(v_head_dim=-2), "v_head_dim"),
-        (dict(use_qk_norm=True), "use_qk_norm"),
         (dict(attn_bias=True), "attn_bias"),
     ],
 )

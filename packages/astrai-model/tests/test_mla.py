@@ -123,18 +123,10 @@ def test_architecture_attributes():
     assert mla.kv_b_proj.weight.shape == (4 * (16 + 12), 16) and mla.o_proj.weight.shape == (64, 4 * 12)
     assert mla.q_a_proj.weight.shape == (24, 64) and mla.q_b_proj.weight.shape == (4 * 24, 24)
     assert not hasattr(MLA(AutoRegressiveLMConfig(**OURS), 0), "q_a_proj")
-    mla = MLA(qk_norm_config(**OURS, use_gated_attention=True), 0)
+    mla = MLA(AutoRegressiveLMConfig(**OURS, use_qk_norm=True, use_gated_attention=True), 0)
     assert (mla.use_qk_norm, mla.use_gated_attention) == (True, True)
     assert mla.q_norm.weight.shape == mla.k_norm.weight.shape == (24,)  # head_dim = nope + rope
     assert mla.q_proj.weight.shape == (4 * 24, 64) and mla.gate.weight.shape == (4 * 12, 64)
-
-
-def qk_norm_config(**fields) -> AutoRegressiveLMConfig:
-    """An MLA config with `use_qk_norm`, set after construction: astrai-core's config validation still rejects
-    qk-norm with MLA (the model reads the field as it is)."""
-    cfg = AutoRegressiveLMConfig(**fields)
-    cfg.use_qk_norm = True
-    return cfg
 
 
 def test_qk_norm_normalises_each_heads_full_query_and_key():
@@ -142,7 +134,7 @@ def test_qk_norm_normalises_each_heads_full_query_and_key():
     x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(3))
     cos, sin = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
     for use_qk_norm in (True, False):
-        cfg = qk_norm_config(**OURS) if use_qk_norm else AutoRegressiveLMConfig(**OURS)
+        cfg = AutoRegressiveLMConfig(**OURS, use_qk_norm=use_qk_norm)
         mla = randomise(MLA(cfg, 0)).eval()
         with torch.no_grad():
             out = mla(x, (cos, sin))
@@ -196,7 +188,7 @@ def test_cached_decode_equals_full_forward():
 def test_qk_norm_cached_decode_token_by_token_equals_full_forward():
     """With qk-norm the cache still holds only latents and RoPE keys; decode expands them (no absorption)."""
     torch.manual_seed(0)
-    model = randomise(AutoModel.from_config(qk_norm_config(**CACHED, use_gated_attention=True))).eval()
+    model = randomise(AutoModel.from_config(AutoRegressiveLMConfig(**CACHED, use_qk_norm=True, use_gated_attention=True))).eval()
     attn = model.layers[1].attention
     assert attn.use_qk_norm and attn.absorb_is_cheaper(1)  # absorption would be chosen without qk-norm
     ids = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(1))

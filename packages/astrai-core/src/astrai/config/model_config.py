@@ -162,9 +162,6 @@ class AutoRegressiveLMConfig(_TrunkConfig):
             _require_positive(self, "q_lora_rank")
         if self.qk_rope_head_dim % 2:
             _fail(self, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
-        # MLA caches the normalised latent, not per-head keys: a per-head key norm cannot be applied to it.
-        if self.use_qk_norm:
-            _fail(self, "use_qk_norm", self.use_qk_norm, "is not supported with attn_type='mla'")
         if self.attn_bias:
             _fail(self, "attn_bias", self.attn_bias, "is not supported with attn_type='mla'")
 
