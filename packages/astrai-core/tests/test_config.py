@@ -451,11 +451,33 @@ def test_train_config_required(field):
         (dict(batch_per_device="four"), "batch_per_device"),
         (dict(keep_checkpoints=0), "keep_checkpoints"),
         (dict(keep_checkpoints=2.5), "keep_checkpoints"),
+        (dict(report_to=["tensorbord"]), "report_to"),
+        (dict(report_to="comet"), "report_to"),
+        (dict(report_to=["wandb", "wandb"]), "report_to"),
+        (dict(report_to=["none", "wandb"]), "report_to"),
+        (dict(report_to=[3]), "report_to"),
+        (dict(run_name=" "), "run_name"),
     ],
 )
 def test_train_config_invalid(changes, field):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field}"):
         _train(**changes)
+
+
+def test_train_config_report_to():
+    assert _train().report_to == [] and _train().run_name is None
+    assert _train(report_to="wandb").report_to == ["wandb"]  # one name, as a run file may write it
+    assert _train(report_to="none").report_to == [] and _train(report_to=["none"]).report_to == []
+    cfg = _train(report_to=["tensorboard", "wandb", "mlflow"], run_name="sft-1")
+    assert TrainConfig.from_dict({**cfg.to_dict(), "model": 1, "dataset": [1], "optimizer_fn": len}).report_to == [
+        "tensorboard",
+        "wandb",
+        "mlflow",
+    ]
+    with pytest.raises(
+        ValueError, match=r"TrainConfig\.report_to='mlflw': allowed: \['tensorboard', 'wandb', 'mlflow'\]"
+    ):
+        _train(report_to=["mlflw"])
 
 
 def test_train_config_port_int_becomes_str():

@@ -21,6 +21,9 @@ METRICS = (
     "grad_nan_num",
     "tokens_per_sec",
 )
+# Experiment trackers `report_to` may name; astrai-train logs to each through its own library, installed
+# with the astrai-train extra of the same name (`pip install 'astrai-train[tensorboard]'`).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 BUILTIN_STRATEGIES = ("seq", "sft", "dpo", "grpo")
 BUILTIN_EXECUTORS = ("none", "ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -77,6 +80,10 @@ class TrainConfig(BaseConfig):
     log_dir: str = "./checkpoint/logs"
     log_interval: int = 100
     metrics: list[str] = dataclasses.field(default_factory=lambda: ["loss", "lr"])
+    # Trackers that get every metrics.jsonl record too (rank 0 only): names from TRACKERS; a single name
+    # may be given as a string. "none" alone (or []) reports to none.
+    report_to: list[str] = dataclasses.field(default_factory=list)
+    run_name: str | None = None  # the run's name in the trackers (None: each tracker's default)
     lora: LoRAConfig | None = None
     random_seed: int = 3407
     num_workers: int = 0
@@ -99,6 +106,10 @@ class TrainConfig(BaseConfig):
     def __post_init__(self) -> None:
         if isinstance(self.master_port, int) and not isinstance(self.master_port, bool):
             self.master_port = str(self.master_port)
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        if self.report_to == ["none"]:
+            self.report_to = []
         super().__post_init__()
 
     def validate(self) -> None:
@@ -132,6 +143,12 @@ class TrainConfig(BaseConfig):
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         for metric in self.metrics:
             _check_choice("metrics", metric, METRICS)
+        for tracker in self.report_to:
+            _check_choice("report_to", tracker, TRACKERS)
+        if len(set(self.report_to)) != len(self.report_to):
+            _fail("report_to", self.report_to, "names a tracker twice")
+        if self.run_name is not None and not self.run_name.strip():
+            _fail("run_name", self.run_name, "must be a non-empty name (or None for each tracker's default)")
         for name in ("optimizer_fn", "scheduler_fn"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
