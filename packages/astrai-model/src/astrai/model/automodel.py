@@ -3,7 +3,9 @@
 A model folder is `config.json` (always with `model_type`) plus safetensors weights (`model.safetensors`,
 or shards with `model.safetensors.index.json`). `AutoModel.from_pretrained` also reads a Hugging Face
 checkpoint folder when its `model_type` has a converter in `astrai.model.hf` (llama, mistral, qwen2, qwen3,
-...): the config and the tensor names are converted on load.
+...): the config and the tensor names are converted on load. `generation_config.json` (the special-token
+ids, see `generation_config.py`) is kept as `model.generation_config` and written back by `save_pretrained`,
+which also writes the tokenizer it is given: a folder it writes is complete for us and for transformers.
 
 Loading never runs random init and never leaves a weight uninitialised: the model is built on the meta
 device (`disable_random_init=True`, the default: the architecture document's "no random init on load"), every
@@ -19,7 +21,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +29,13 @@ from torch import Tensor, nn
 from astrai.config import BaseModelConfig, ConfigFactory, read_json_object
 from astrai.factory import BaseFactory
 from astrai.model import hf
+from astrai.model.generation_config import (
+    TOKEN_ID_KEYS,
+    SpecialTokenSource,
+    generation_config_with,
+    read_generation_config,
+    write_generation_config,
+)
 from astrai.model.weight_files import load_weight_files, save_weight_files, weights_source
 
 logger = logging.getLogger(__name__)
@@ -40,6 +49,8 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
     def __init__(self, config: BaseModelConfig) -> None:
         nn.Module.__init__(self)
         self.config = config
+        # generation_config.json of the folder it came from (token ids, sampling defaults); {} when built
+        self.generation_config: dict[str, Any] = {}
 
     @classmethod
     def register(
@@ -82,10 +93,12 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
         model_type = raw.get("model_type")
         if model_type is None or cls.is_registered(model_type):
             config = _with_path(folder, lambda: ConfigFactory.load(raw))
+            generation = read_generation_config(folder)
             tensors = load_weight_files(folder, device)
         elif hf.HFConverterFactory.is_registered(model_type):
             converter = hf.HFConverterFactory.create(model_type)
             config = _with_path(folder, lambda: converter.config_from_hf(raw))
+            generation = read_generation_config(folder, hf_config=raw)
             tensors = converter.state_dict_from_hf(load_weight_files(folder, device), config)
         else:
             raise ValueError(
@@ -95,6 +108,7 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
         with torch.device("meta" if disable_random_init else "cpu"):
             model = cls._model_class(config)(config)
         model.load_weights(tensors, source=weights_source(folder), dtype=dtype, strict=strict)
+        model.generation_config = generation
         return model.eval()
 
     @classmethod
@@ -159,11 +173,24 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
         save_directory: str | Path,
         format: Literal["astrai", "hf"] = "astrai",
         max_shard_bytes: int | None = None,
+        *,
+        tokenizer: SpecialTokenSource | None = None,
     ) -> None:
-        """Write `config.json` and safetensors weights; `format="hf"` writes a transformers checkpoint instead."""
+        """Write `config.json`, safetensors weights and `generation_config.json`; `format="hf"` writes a
+        transformers checkpoint instead.
+
+        tokenizer: written to the folder too (tokenizer.json, tokenizer_config.json, special_tokens_map.json),
+            and its bos / eos / pad ids go into generation_config.json (eos: all its stop ids) and, for
+            `format="hf"`, config.json. Without it the ids the model was loaded with are written, if any.
+        """
         folder = Path(save_directory)
+        generation = generation_config_with(self.generation_config, tokenizer, getattr(self.config, "vocab_size", None))
         if format == "hf":
             config_dict, tensors = hf.export_hf(self.config, self.state_dict())
+            # Unknown ids are written as null: transformers' family defaults (Llama: bos 1, eos 2) would be wrong.
+            config_dict.update({key: generation.get(key) for key in TOKEN_ID_KEYS})
+            if tokenizer is None:
+                logger.warning("save_pretrained(format='hf') without tokenizer=: the folder has no tokenizer files")
         elif format == "astrai":
             config_dict, tensors = None, self.state_dict()
         else:
@@ -174,6 +201,9 @@ class AutoModel(nn.Module, BaseFactory[nn.Module]):
         else:
             (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
         save_weight_files(tensors, folder, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        write_generation_config(folder, generation)
 
 
 def _with_path(folder: Path, build: Callable[[], BaseModelConfig]) -> BaseModelConfig:

@@ -36,7 +36,9 @@ from astrai.tokenize.folder import (
     CHAT_TEMPLATE_DIR,
     CHAT_TEMPLATE_FILE,
     CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
     SPECIAL_TOKEN_NAMES,
+    SPECIAL_TOKENS_MAP_FILE,
     TOKENIZER_FILE,
     read_chat_templates,
     read_extra_special_tokens,
@@ -100,7 +102,8 @@ class AutoTokenizer:
         return self
 
     def save_pretrained(self, save_path: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json (special tokens, chat templates), readable by transformers."""
+        """Write tokenizer.json, tokenizer_config.json (special tokens, chat templates) and special_tokens_map.json,
+        readable by transformers 4 and 5; the generation_config.json eos ids it was loaded with go there too."""
         tokenizer = self._require()
         folder = Path(save_path)
         folder.mkdir(parents=True, exist_ok=True)
@@ -110,9 +113,8 @@ class AutoTokenizer:
             # transformers 4 would otherwise "clean up" spaces before punctuation when decoding.
             "clean_up_tokenization_spaces": False,
         }
-        for name in SPECIAL_TOKEN_NAMES:
-            if (token := getattr(self, f"{name}_token")) is not None:
-                config[f"{name}_token"] = token
+        specials = {f"{n}_token": t for n in SPECIAL_TOKEN_NAMES if (t := getattr(self, f"{n}_token")) is not None}
+        config.update(specials)
         if list(self._templates) == ["default"]:
             config["chat_template"] = self._templates["default"].template_str
         elif self._templates:
@@ -121,8 +123,12 @@ class AutoTokenizer:
         (folder / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
         for stale in (folder / CHAT_TEMPLATE_DIR).glob("*.jinja"):
             stale.unlink()
-        text = json.dumps(config, indent=2, ensure_ascii=False)
-        (folder / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+        _write_json(folder / CONFIG_FILE, config)
+        # transformers 4 writes the special tokens a second time, as AddedToken dicts; older readers want it.
+        _write_json(folder / SPECIAL_TOKENS_MAP_FILE, {key: self._added_token(t) for key, t in specials.items()})
+        if self._generation_eos_ids:
+            path = folder / GENERATION_CONFIG_FILE
+            _write_json(path, {**read_json(path), "eos_token_id": self._generation_eos_ids})
 
     # ---------------------------------------------------------------- vocabulary
 
@@ -258,6 +264,12 @@ class AutoTokenizer:
             raise RuntimeError("AutoTokenizer has no vocabulary: use AutoTokenizer.from_pretrained(path) or load(path)")
         return self._tokenizer
 
+    def _added_token(self, token: str) -> dict[str, Any]:
+        """`token` as transformers writes an AddedToken (its flags from tokenizer.json when it is an added token)."""
+        added = next((t for t in self._require().get_added_tokens_decoder().values() if t.content == token), None)
+        flags = ("lstrip", "normalized", "rstrip", "single_word")
+        return {"content": token, **{f: getattr(added, f) if added else False for f in flags}}
+
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None or self._tokenizer is None else self._tokenizer.token_to_id(token)
 
@@ -281,6 +293,10 @@ class AutoTokenizer:
     def __repr__(self) -> str:
         specials = ", ".join(f"{n}_token={getattr(self, f'{n}_token')!r}" for n in SPECIAL_TOKEN_NAMES)
         return f"AutoTokenizer(vocab_size={self.vocab_size}, {specials}, chat_templates={sorted(self._templates)})"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _add_missing_tokens(

@@ -28,9 +28,11 @@ def export_model(run: dict[str, Any], base_dir: str | Path, checkpoint: str | Pa
         merge_lora(model)
     else:
         model = AutoModel.from_pretrained(checkpoint)
-    model.save_pretrained(output)
+    tokenizer = None
     if run.get("tokenizer") is not None:
         from astrai.tokenize import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(run_path(base_dir, run["tokenizer"], "tokenizer")).save_pretrained(output)
+        tokenizer = AutoTokenizer.from_pretrained(run_path(base_dir, run["tokenizer"], "tokenizer"))
+    # with the tokenizer, save_pretrained writes its files and its special-token ids (generation_config.json)
+    model.save_pretrained(output, tokenizer=tokenizer)
     return output
