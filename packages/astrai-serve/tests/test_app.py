@@ -28,10 +28,11 @@ def test_stats_and_metrics(server):
     assert stats == json.loads(json.dumps(server.engine.get_stats()))
     assert (stats["requests_finished"], stats["generation_tokens_total"]) == (1, 19)
     r = httpx.get(f"{server.url}/metrics", timeout=10)
-    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert r.headers["content-type"] == "text/plain; version=1.0.0; charset=utf-8"  # prometheus_client's
     lines = r.text.splitlines()
-    assert "astrai_requests_finished_total 1" in lines and "astrai_generation_tokens_total 19" in lines
-    assert "astrai_time_to_first_token_seconds_count 1" in lines
+    assert "astrai_requests_finished_total 1.0" in lines and "astrai_generation_tokens_total 19.0" in lines
+    assert "astrai_time_to_first_token_seconds_count 1.0" in lines
+    assert 'vllm:generation_tokens_total{engine="0",model_name="m"} 19.0' in lines
 
 
 def test_models_in_both_shapes(make_server):

@@ -16,6 +16,7 @@ import threading
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer, decoders, models
 
 from astrai.config import AutoRegressiveLMConfig
@@ -209,21 +210,37 @@ def test_non_streaming_disconnect_cancels_in_the_engine(real):
 
 def test_health_stats_and_metrics_from_the_real_engine(real):
     engine, url, *_ = real
-    _openai(url).chat.completions.create(model="m", messages=USER, max_tokens=4)
+    client = _openai(url)
+    greedy = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+    for max_tokens in (4, 6, 1):
+        client.chat.completions.create(model="m", messages=USER, max_tokens=max_tokens, **greedy)
     assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok", "model_loaded": True}
     stats = httpx.get(f"{url}/stats", timeout=10).json()
-    assert stats["requests_finished"] >= 1 and stats["loop_alive"] is True
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    for name in (
-        "astrai_requests_running",
-        "astrai_requests_waiting",
-        "astrai_kv_pages_used",
-        "astrai_prefix_cache_hit_rate",
-        "astrai_time_to_first_token_seconds_count",
-        "astrai_generation_tokens_total",
-        "astrai_engine_loop_alive 1",
-    ):
-        assert name in metrics
+    assert stats["requests_finished"] == 3 and stats["loop_alive"] is True
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    samples = {  # read as Prometheus does, with prometheus_client's own parser
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+    labels = (("engine", "0"), ("model_name", "m"))
+    assert samples[("vllm:request_success_total", (*labels[:1], ("finished_reason", "length"), labels[1]))] == 3
+    assert samples[("vllm:generation_tokens_total", labels)] == 11
+    assert samples[("vllm:request_generation_tokens_sum", labels)] == 11
+    assert samples[("vllm:inter_token_latency_seconds_count", labels)] == 3 + 5 + 0
+    assert samples[("vllm:time_per_output_token_seconds_count", labels)] == 2  # requests with 2+ tokens
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                 "request_prefill_time_seconds", "request_decode_time_seconds", "request_prompt_tokens"):  # fmt: skip
+        assert samples[(f"vllm:{name}_count", labels)] == 3, name
+    e2e, ttft = (
+        samples[("vllm:e2e_request_latency_seconds_sum", labels)],
+        samples[("vllm:time_to_first_token_seconds_sum", labels)],
+    )
+    assert 0 < ttft <= e2e
+    assert samples[("vllm:num_requests_running", labels)] == 0
+    assert samples[("astrai_engine_loop_alive", ())] == 1
+    assert samples[("astrai_time_to_first_token_seconds_count", ())] == 3
 
 
 def test_astrai_serve_command(model_dir):

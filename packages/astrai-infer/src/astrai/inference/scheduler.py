@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -114,7 +115,7 @@ class InferenceScheduler:
         self._running = False
         self._loop_thread: threading.Thread | None = None
         self._reset_prefix = threading.Event()  # set by reset_prefix_cache (any thread), applied by the loop
-        self._stats = SchedulerStats()
+        self._stats = SchedulerStats(self.max_seq_len)
         self._publish_stats()
 
     @property
@@ -282,6 +283,8 @@ class InferenceScheduler:
     def _admit(self, task: Task) -> None:
         cached = self._page_cache.task_cached(task.task_id)
         task.status = TaskStatus.RUNNING
+        if task.scheduled_time is None:
+            task.scheduled_time = time.monotonic()
         task.cached_tokens = cached
         task.next_pos = cached
         self._task_mgr.activate(task)
@@ -359,10 +362,12 @@ class InferenceScheduler:
     def _accept(self, task: Task, token: int) -> None:
         """Record a sampled token, stream it, and finish the task if it hit a stop condition."""
         try:
-            first = task.first_token_time is None
+            previous = task.last_token_time
             task.append_token(token)
-            if first:
+            if previous is None:
                 self._stats.first_token(task.first_token_time - task.arrival_time)
+            else:
+                self._stats.next_token(task.last_token_time - previous)
             self._stats.count("generation_tokens_total")
             reason = task.stop_reason()
             output = self._task_mgr.stream(task.task_id)
@@ -384,6 +389,7 @@ class InferenceScheduler:
         output = self._task_mgr.finish(task, reason, error)
         counter = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(reason, "requests_finished")
         self._stats.count(counter)
+        self._stats.request_finished(task)
         if output is None:
             return
         self._publish_stats()  # whoever reads the final event then sees stats that include it

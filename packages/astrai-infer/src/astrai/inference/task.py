@@ -56,7 +56,9 @@ class Task:
     next_pos: int = 0  # positions whose KV is in the cache: the next token fed to the model goes here
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)  # time.monotonic() seconds
+    scheduled_time: float | None = None  # first admission to the batch
     first_token_time: float | None = None
+    last_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: str | None = None
@@ -110,9 +112,10 @@ class Task:
         self._cancelled = True
 
     def append_token(self, token_id: int) -> None:
-        """Record a generated token (counted in `output_tokens`) and the time of the first one."""
+        """Record a generated token (counted in `output_tokens`), its time and the time of the first one."""
+        self.last_token_time = time.monotonic()
         if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
+            self.first_token_time = self.last_token_time
         self.output_ids.append(token_id)
         self.output_tokens += 1
 

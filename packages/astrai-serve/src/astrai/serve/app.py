@@ -224,7 +224,7 @@ def create_app(
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(render_metrics(engine.get_stats()), media_type=CONTENT_TYPE)
+        return PlainTextResponse(render_metrics(engine.get_stats(), name), media_type=CONTENT_TYPE)
 
     return app
 
