@@ -67,6 +67,19 @@ def test_requests_for_a_model_not_served_get_404_in_each_protocol(make_server):
     with pytest.raises(anthropic.NotFoundError):
         server.anthropic().messages.count_tokens(model="claude-x", messages=[{"role": "user", "content": "x"}])
     assert server.engine.submitted.qsize() == 1  # only the request for "alias"
+    assert server.openai().models.retrieve("alias").id == "alias"
+    assert server.anthropic().models.retrieve("main").id == "main"
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist"):
+        server.openai().models.retrieve("gpt-4o")
+    with pytest.raises(anthropic.NotFoundError):
+        server.anthropic().models.retrieve("claude-x")
+
+
+def test_version_reports_the_installed_distribution(server):
+    import importlib.metadata
+
+    r = httpx.get(f"{server.url}/version", timeout=10)
+    assert r.json() == {"version": importlib.metadata.version("astrai-serve")}
 
 
 def test_unknown_paths_and_methods_in_each_protocol_shape(server):

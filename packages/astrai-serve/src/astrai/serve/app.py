@@ -1,9 +1,9 @@
 """`create_app`: the FastAPI application serving one `InferenceEngine` over HTTP.
 
 Endpoints: `POST /v1/chat/completions` (OpenAI), `POST /v1/messages` and `POST /v1/messages/count_tokens`
-(Anthropic), `GET /v1/models` (OpenAI's list shape, or Anthropic's when the request carries an
-`anthropic-version` header), `GET|HEAD /health` (200 while the engine loop runs, else 503), `GET /stats`
-(the engine's `get_stats()`), `GET /metrics` (Prometheus text).
+(Anthropic), `GET /v1/models` and `GET /v1/models/{id}` (OpenAI's shapes, or Anthropic's when the request
+carries an `anthropic-version` header), `GET /version`, `GET|HEAD /health` (200 while the engine loop runs,
+else 503), `GET /stats` (the engine's `get_stats()`), `GET /metrics` (Prometheus text).
 
 The server answers to the names in `served_model_names` (the first is reported in responses); a request
 naming another model is a 404, as in vLLM. A request body over `max_request_bytes` is a 413 before it is
@@ -20,6 +20,7 @@ the closure of `create_app`, and the lifespan shuts the engine down when the ser
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -185,28 +186,34 @@ def create_app(
         )
         return {"input_tokens": len(prompt_ids)}
 
+    def model_card(served: str, anthropic: bool) -> dict[str, Any]:
+        if anthropic:
+            created_at = datetime.fromtimestamp(started, UTC).isoformat().replace("+00:00", "Z")
+            return {
+                "type": "model",
+                "id": served,
+                "display_name": served,
+                "created_at": created_at,
+                "lifecycle": "active",
+                "max_input_tokens": engine.max_seq_len,
+            }
+        return {"id": served, "object": "model", "created": int(started), "owned_by": "astrai"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         if "anthropic-version" in request.headers:
-            created_at = datetime.fromtimestamp(started, UTC).isoformat().replace("+00:00", "Z")
-            entries = [
-                {
-                    "type": "model",
-                    "id": served,
-                    "display_name": served,
-                    "created_at": created_at,
-                    "lifecycle": "active",
-                    "max_input_tokens": engine.max_seq_len,
-                }
-                for served in names
-            ]
+            entries = [model_card(served, anthropic=True) for served in names]
             return {"data": entries, "has_more": False, "first_id": names[0], "last_id": names[-1]}
-        return {
-            "object": "list",
-            "data": [
-                {"id": served, "object": "model", "created": int(started), "owned_by": "astrai"} for served in names
-            ],
-        }
+        return {"object": "list", "data": [model_card(served, anthropic=False) for served in names]}
+
+    @app.get("/v1/models/{model_id:path}", responses=OPENAI_ERRORS)
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        check_model(model_id)
+        return model_card(model_id, anthropic="anthropic-version" in request.headers)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": importlib.metadata.version("astrai-serve")}
 
     @app.get("/health", response_model=None)
     @app.head("/health", response_model=None, include_in_schema=False)  # load balancers probe with HEAD
