@@ -3,6 +3,7 @@
     astrai generate --model DIR --prompt "Once upon a time" --max-tokens 64 --temperature 0.7 --stream
     astrai generate --model DIR --chat --prompt "Hi!"                 # rendered with the chat template
     astrai generate --model DIR --input prompts.jsonl --output out.jsonl
+    astrai generate --model CHECKPOINT_DIR --tokenizer TOKENIZER_DIR --prompt "Hi"  # folder without tokenizer
 
 Batch mode reads one JSON object per line, `{"prompt": "..."}` (or `{"messages": [...]}` for a chat), submits
 them all at once (the engine batches them continuously) and writes one line per input, in input order:
@@ -21,6 +22,7 @@ from typing import Any
 def configure(parser: argparse.ArgumentParser) -> None:
     """Generate text with a model folder (one prompt, or a JSONL file of prompts)."""
     parser.add_argument("--model", required=True, help="folder holding the model and its tokenizer")
+    add_tokenizer_option(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--input", type=Path, help='JSONL file, one {"prompt": ...} per line')
@@ -38,6 +40,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
     add_engine_speed_options(parser)
     parser.set_defaults(run=_run)
+
+
+def add_tokenizer_option(parser: argparse.ArgumentParser) -> None:
+    """`--tokenizer DIR` (`astrai generate`, `astrai serve`); `tokenizer_folder` reads it."""
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="tokenizer folder, for a model folder without one such as a training checkpoint (default: --model)",
+    )
+
+
+def tokenizer_folder(args: argparse.Namespace) -> Path:
+    """Where the tokenizer is read: --tokenizer, else --model; ValueError naming --tokenizer when that has none."""
+    from astrai.tokenize.folder import TOKENIZER_FILE
+
+    if args.tokenizer is not None:
+        if not (args.tokenizer / TOKENIZER_FILE).is_file():
+            raise ValueError(f"--tokenizer {args.tokenizer}: not a tokenizer folder (no {TOKENIZER_FILE})")
+        return args.tokenizer
+    if not (Path(args.model) / TOKENIZER_FILE).is_file():
+        raise ValueError(
+            f"--model {args.model} has no tokenizer ({TOKENIZER_FILE}): give its folder with --tokenizer DIR"
+        )
+    return Path(args.model)
 
 
 def add_engine_speed_options(parser: argparse.ArgumentParser) -> None:
@@ -76,9 +104,11 @@ def _run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise ValueError(f"--model {args.model}: not a folder")
+    tokenizer = tokenizer_folder(args)
     records = _read_jsonl(args.input) if args.input is not None else []
     with InferenceEngine.from_pretrained(
         model_dir,
+        tokenizer=tokenizer,
         device=args.device,
         dtype=args.dtype,
         max_batch_size=args.max_batch_size,

@@ -88,15 +88,26 @@ class InferenceEngine:
         path: str | Path,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
+        *,
+        tokenizer: str | Path | Any | None = None,
         **kwargs: Any,
     ) -> InferenceEngine:
-        """Load the model and the tokenizer from one folder; `model_name` defaults to the folder's name."""
+        """Load the model from a folder, and the tokenizer from the same folder or from `tokenizer` (a tokenizer
+        folder or an `AutoTokenizer`: for a model folder without one, e.g. a training checkpoint); a model folder
+        without tokenizer.json and no `tokenizer` is a ValueError. `model_name` defaults to the folder's name."""
         from astrai.model import AutoModel
         from astrai.tokenize import AutoTokenizer
+        from astrai.tokenize.folder import TOKENIZER_FILE
 
         path = Path(path)
+        if tokenizer is None and path.is_dir() and not (path / TOKENIZER_FILE).is_file():
+            raise ValueError(
+                f"{path} has no tokenizer ({TOKENIZER_FILE}): pass its tokenizer folder, "
+                "tokenizer=DIR (astrai generate / serve: --tokenizer DIR)"
+            )
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            tokenizer = AutoTokenizer.from_pretrained(path if tokenizer is None else tokenizer)
         model = AutoModel.from_pretrained(path, dtype=_resolve_dtype(dtype), device=device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
         kwargs.setdefault("model_name", path.resolve().name)
         return cls(model, tokenizer, device=device, dtype=dtype, **kwargs)
 

@@ -10,7 +10,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from astrai.inference.cli import add_engine_speed_options, engine_speed_options
+from astrai.inference.cli import add_engine_speed_options, add_tokenizer_option, engine_speed_options, tokenizer_folder
 
 DTYPES = ("float32", "bfloat16", "float16")
 API_KEY_ENV = "ASTRAI_API_KEY"
@@ -21,6 +21,7 @@ KEEP_ALIVE_TIMEOUT_S = 5.0  # uvicorn's own default
 def configure(parser: argparse.ArgumentParser) -> None:
     """Serve a model over OpenAI- and Anthropic-compatible HTTP."""
     parser.add_argument("--model", required=True, help="model folder (config.json, weights, tokenizer files)")
+    add_tokenizer_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: the engine's)")
@@ -69,6 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not Path(args.model).is_dir():
         raise ValueError(f"--model must be a model folder, got {args.model!r}")
+    tokenizer = tokenizer_folder(args)
     import torch
     import uvicorn
 
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine = InferenceEngine.from_pretrained(
         args.model,
+        tokenizer=tokenizer,
         device=args.device,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_batch_size=args.max_batch_size,
