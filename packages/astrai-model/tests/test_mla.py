@@ -188,7 +188,9 @@ def test_cached_decode_equals_full_forward():
 def test_qk_norm_cached_decode_token_by_token_equals_full_forward():
     """With qk-norm the cache still holds only latents and RoPE keys; decode expands them (no absorption)."""
     torch.manual_seed(0)
-    model = randomise(AutoModel.from_config(AutoRegressiveLMConfig(**CACHED, use_qk_norm=True, use_gated_attention=True))).eval()
+    model = randomise(
+        AutoModel.from_config(AutoRegressiveLMConfig(**CACHED, use_qk_norm=True, use_gated_attention=True))
+    ).eval()
     attn = model.layers[1].attention
     assert attn.use_qk_norm and attn.absorb_is_cheaper(1)  # absorption would be chosen without qk-norm
     ids = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(1))

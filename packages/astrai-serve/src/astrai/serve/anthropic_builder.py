@@ -16,7 +16,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from astrai.serve.anthropic_schema import CountTokensRequest, MessagesRequest
-from astrai.serve.builder import ResponseBuilder, check_context, sse
+from astrai.serve.builder import ResponseBuilder, check_context, settle, sse
 from astrai.serve.context import ChoiceState, GenContext
 from astrai.serve.fields import joined_text
 
@@ -95,11 +95,12 @@ class AnthropicResponseBuilder(ResponseBuilder):
             sse({"type": "ping"}, "ping"),
         ]
 
-    def format_chunk(self, ctx: GenContext, text: str, index: int = 0) -> str:
-        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+    def format_chunk(self, ctx: GenContext, token: str, index: int = 0) -> str:
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token}}
         return sse(delta, "content_block_delta")
 
-    def format_stream_end(self, ctx: GenContext) -> list[str]:
+    def format_stream_end(self, ctx: GenContext, stop: str | None = None) -> list[str]:
+        settle(ctx, None, stop)
         choice = ctx.choices[0]
         message_delta = {
             "type": "message_delta",
@@ -112,7 +113,8 @@ class AnthropicResponseBuilder(ResponseBuilder):
             sse({"type": "message_stop"}, "message_stop"),
         ]
 
-    def format_response(self, ctx: GenContext) -> dict[str, Any]:
+    def format_response(self, ctx: GenContext, content: str | None = None, stop: str | None = None) -> dict[str, Any]:
+        settle(ctx, content, stop)
         choice = ctx.choices[0]
         return {
             "id": ctx.resp_id,

@@ -60,6 +60,25 @@ def check_context(prompt_tokens: int, max_tokens: int | None, max_seq_len: int, 
         )
 
 
+def settle(ctx: GenContext, content: str | None, stop: str | None) -> None:
+    """Close `ctx` for the architecture document's call forms `format_stream_end(ctx, stop)` and
+    `format_response(ctx, content, stop)`, used by a caller that ran the generation itself rather than recording
+    engine events into `ctx`: `content` becomes the text and `stop` the matched stop sequence of its one choice;
+    a choice with no finish reason yet ended normally ("stop"). With neither, a fully recorded `ctx` is unchanged.
+    """
+    if content is not None or stop is not None:
+        if len(ctx.choices) != 1:
+            raise ValueError(f"content / stop describe one choice; this context has {len(ctx.choices)}")
+        choice = ctx.choices[0]
+        if content is not None:
+            choice.text = content
+        if stop is not None:
+            choice.finish_reason, choice.stop_sequence = "stop_sequence", stop
+    for choice in ctx.choices:
+        if choice.finish_reason is None:
+            choice.finished, choice.finish_reason = True, "stop"
+
+
 class ResponseBuilder(ABC):
     """Protocol-specific request reading and response writing; see the module docstring."""
 
@@ -79,16 +98,23 @@ class ResponseBuilder(ABC):
         """The SSE frames sent before any generated text."""
 
     @abstractmethod
-    def format_chunk(self, ctx: GenContext, text: str, index: int = 0) -> str:
-        """The SSE frame carrying a new piece of text of choice `index`."""
+    def format_chunk(self, ctx: GenContext, token: str, index: int = 0) -> str:
+        """The SSE frame carrying `token`, a new piece of text of choice `index`."""
 
     @abstractmethod
-    def format_stream_end(self, ctx: GenContext) -> list[str]:
-        """The SSE frames closing a stream whose choices all finished normally (finish reasons, usage)."""
+    def format_stream_end(self, ctx: GenContext, stop: str | None = None) -> list[str]:
+        """The SSE frames closing a stream whose choices all finished normally (finish reasons, usage).
+
+        `stop`: the stop sequence that ended a single-choice generation the caller ran itself (see `settle`).
+        """
 
     @abstractmethod
-    def format_response(self, ctx: GenContext) -> dict[str, Any]:
-        """The JSON body of a non-streaming response whose choices all finished normally."""
+    def format_response(self, ctx: GenContext, content: str | None = None, stop: str | None = None) -> dict[str, Any]:
+        """The JSON body of a non-streaming response whose choices all finished normally.
+
+        `content` / `stop`: the text and the stop sequence of a single-choice generation the caller ran
+        itself (see `settle`); the handler records engine events into `ctx` instead and passes neither.
+        """
 
     @abstractmethod
     def format_stream_error(self, status: int, message: str) -> str:

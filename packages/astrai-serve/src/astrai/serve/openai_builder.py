@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from astrai.serve.builder import ResponseBuilder, check_context, sse
+from astrai.serve.builder import ResponseBuilder, check_context, settle, sse
 from astrai.serve.context import ChoiceState, GenContext
 from astrai.serve.errors import APIError
 from astrai.serve.openai_schema import ChatCompletionRequest
@@ -99,10 +99,11 @@ class OpenAIResponseBuilder(ResponseBuilder):
     def format_stream_start(self, ctx: GenContext) -> list[str]:
         return [self._chunk(ctx, c.index, {"role": "assistant", "content": ""}) for c in ctx.choices]
 
-    def format_chunk(self, ctx: GenContext, text: str, index: int = 0) -> str:
-        return self._chunk(ctx, index, {"content": text})
+    def format_chunk(self, ctx: GenContext, token: str, index: int = 0) -> str:
+        return self._chunk(ctx, index, {"content": token})
 
-    def format_stream_end(self, ctx: GenContext) -> list[str]:
+    def format_stream_end(self, ctx: GenContext, stop: str | None = None) -> list[str]:
+        settle(ctx, None, stop)
         frames = [self._chunk(ctx, c.index, {}, _FINISH_REASONS[c.finish_reason]) for c in ctx.choices]
         if ctx.include_usage:
             usage_chunk = {
@@ -117,7 +118,8 @@ class OpenAIResponseBuilder(ResponseBuilder):
         frames.append(DONE)
         return frames
 
-    def format_response(self, ctx: GenContext) -> dict[str, Any]:
+    def format_response(self, ctx: GenContext, content: str | None = None, stop: str | None = None) -> dict[str, Any]:
+        settle(ctx, content, stop)
         return {
             "id": ctx.resp_id,
             "object": "chat.completion",
