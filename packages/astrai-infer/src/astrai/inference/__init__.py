@@ -35,7 +35,7 @@ from astrai.inference.sampling import (
 from astrai.inference.scheduler import InferenceScheduler
 from astrai.inference.stats import SchedulerStats
 from astrai.inference.stop import StopChecker
-from astrai.inference.stream import FINISH_REASONS, GenerationEvent, OutputStream
+from astrai.inference.stream import FINISH_REASONS, GenerationEvent, OutputStream, TokenLogprob
 from astrai.inference.task import Task, TaskStatus
 from astrai.inference.task_manager import LoopStoppedError, QueueFullError, TaskManager
 from astrai.parallel.lazy import lazy_exports
@@ -69,6 +69,7 @@ __all__ = [
     "Task",
     "TaskManager",
     "TaskStatus",
+    "TokenLogprob",
     "TaskTable",
     "TemperatureStrategy",
     "TopKStrategy",

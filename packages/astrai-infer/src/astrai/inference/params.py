@@ -32,6 +32,7 @@ class SamplingParams:
     stop: list[str] | None = None  # stop strings: output is trimmed before the first match
     stop_token_ids: list[int] | None = None  # in addition to the tokenizer's stop ids
     ignore_eos: bool = False  # True: the tokenizer's stop ids do not end the output (stop_token_ids still do)
+    logprobs: int | None = None  # k in [0, 20]: events carry each token's log-probability and the k most likely
 
     def __post_init__(self) -> None:
         if isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and self.top_p <= 0:
@@ -64,6 +65,7 @@ class SamplingParams:
             "logit_bias": dict(self.logit_bias or {}),
             "seed": self.seed,
             "stop_token_ids": frozenset(stop_ids),
+            "logprobs": self.logprobs,
         }
 
 

@@ -48,7 +48,7 @@ from astrai.inference.cache import KVCache
 from astrai.inference.executor import Executor
 from astrai.inference.openmp import release_thread_pool
 from astrai.inference.stats import SchedulerStats
-from astrai.inference.stream import GenerationEvent
+from astrai.inference.stream import GenerationEvent, TokenLogprob
 from astrai.inference.task import Task, TaskStatus
 from astrai.inference.task_manager import TaskManager
 
@@ -338,10 +338,11 @@ class InferenceScheduler:
             return 0
         ready = [tasks[i] for i in rows]
         tokens = self._sample(ready, logits[rows])
+        logprobs = _token_logprobs(ready, logits[rows], tokens)
         generated = 0
-        for task, token in zip(ready, tokens, strict=True):
+        for task, token, logprob in zip(ready, tokens, logprobs, strict=True):
             if token is not None:
-                self._accept(task, token)
+                self._accept(task, token, logprob)
                 generated += 1
         return generated
 
@@ -359,7 +360,7 @@ class InferenceScheduler:
                 tokens.append(None)
         return tokens
 
-    def _accept(self, task: Task, token: int) -> None:
+    def _accept(self, task: Task, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token, stream it, and finish the task if it hit a stop condition."""
         try:
             previous = task.last_token_time
@@ -371,7 +372,7 @@ class InferenceScheduler:
             self._stats.count("generation_tokens_total")
             reason = task.stop_reason()
             output = self._task_mgr.stream(task.task_id)
-            output.push(token, visible=reason != "stop")
+            output.push(token, visible=reason != "stop", logprob=logprob)
             if output.matched_stop is not None:
                 self._finish(task, "stop_sequence")
             elif reason is not None:
@@ -455,3 +456,22 @@ def _padding_groups(tasks: list[Task], lens: list[int]) -> list[tuple[list[Task]
         else:
             groups.append([i])
     return [([tasks[i] for i in g], [lens[i] for i in g]) for g in groups]
+
+
+def _token_logprobs(tasks: list[Task], logits: torch.Tensor, tokens: list[int | None]) -> list[TokenLogprob | None]:
+    """Each sampled token's log-probability (log-softmax of the model's logits, before the sampling filters) and
+    the task's `logprobs` most likely tokens, for the tasks that asked; None for the others."""
+    rows = [i for i, (task, token) in enumerate(zip(tasks, tokens, strict=True))
+            if task.logprobs is not None and token is not None]  # fmt: skip
+    out: list[TokenLogprob | None] = [None] * len(tasks)
+    if not rows:
+        return out
+    logprobs = logits[rows].float().log_softmax(dim=-1)  # (R, V)
+    chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device)).squeeze(1)
+    k = max(tasks[i].logprobs for i in rows)
+    top_values, top_ids = logprobs.topk(k, dim=-1)  # k = 0: empty
+    for j, i in enumerate(rows):
+        n = tasks[i].logprobs
+        top = tuple(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist(), strict=True))
+        out[i] = TokenLogprob(tokens[i], chosen[j].item(), top)
+    return out

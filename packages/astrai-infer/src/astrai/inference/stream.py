@@ -9,7 +9,8 @@ character never reach the client half-decoded); the `StopChecker` holds back any
 string and trims the output before a match. A non-final event is sent only when it carries new text; the
 token ids sampled since the previous event ride along with it, so the ids of all events together are every
 generated token except a final stop token (which is never shown, but is counted in `completion_tokens`).
-Exactly one final event (`finished=True`) ends every request, whatever the reason.
+Exactly one final event (`finished=True`) ends every request, whatever the reason. For a request that asked for
+log-probabilities, `logprobs` holds one `TokenLogprob` per entry of `token_ids`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ from astrai.inference.task import Task
 from astrai.tokenize import IncrementalDetokenizer
 
 FINISH_REASONS = ("stop", "stop_sequence", "length", "cancelled", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (log-softmax of its logits, before any sampling
+    filter), and the `top` most likely tokens as (token id, log-probability), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass
@@ -37,6 +48,7 @@ class GenerationEvent:
     cached_tokens: int  # prompt tokens served from the prefix cache
     completion_tokens: int  # every token sampled so far, a final stop token included
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
 
 class OutputStream:
@@ -47,6 +59,7 @@ class OutputStream:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids=task.prompt_ids)  # prompt = context only
         self._stop = StopChecker(stop)
         self._pending_ids: list[int] = []  # sampled since the last event, not yet sent
+        self._pending_logprobs: list[TokenLogprob] | None = [] if task.logprobs is not None else None
         self.cached_tokens = 0  # prompt tokens the prefix cache served; the loop sets it at admission
         self.finished = False
 
@@ -55,14 +68,17 @@ class OutputStream:
         """The stop string found in the output, if any (the task must then finish with "stop_sequence")."""
         return self._stop.matched
 
-    def push(self, token_id: int, visible: bool = True) -> None:
-        """Take a freshly sampled token; `visible=False` for a stop token (counted, never shown).
+    def push(self, token_id: int, visible: bool = True, logprob: TokenLogprob | None = None) -> None:
+        """Take a freshly sampled token (with its `logprob` when the request asked for them); `visible=False` for
+        a stop token (counted, never shown).
 
         Sends an event when new text is ready. After a stop string matches, later text is dropped.
         """
         if not visible:
             return
         self._pending_ids.append(token_id)
+        if self._pending_logprobs is not None and logprob is not None:
+            self._pending_logprobs.append(logprob)
         text = self._stop.push(self._detok.push(token_id))
         if text:
             self._emit(text, finished=False)
@@ -95,7 +111,9 @@ class OutputStream:
             cached_tokens=self.cached_tokens,
             completion_tokens=task.output_tokens,
             error=error,
+            logprobs=self._pending_logprobs,
         )
         self._pending_ids = []
+        self._pending_logprobs = [] if self._pending_logprobs is not None else None
         if task.stream_callback is not None:
             task.stream_callback(event)

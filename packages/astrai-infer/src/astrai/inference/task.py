@@ -20,6 +20,7 @@ from typing import Any
 
 _SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
 MAX_COUNT = 2**31 - 1  # the largest count (max_tokens, top_k) or token id the loop holds: int32 on the device
+MAX_LOGPROBS = 20  # most alternatives reported per token (OpenAI's top_logprobs limit)
 
 
 class TaskStatus(enum.Enum):
@@ -45,6 +46,7 @@ class Task:
     seed: int | None = None  # per-request sampling seed, independent of other requests in the batch
     stop_token_ids: frozenset[int] = frozenset()
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    logprobs: int | None = None  # None: none; k: each sampled token's log-probability and the k most likely
     stream_callback: Callable[..., Any] | None = None
 
     status: TaskStatus = TaskStatus.PENDING
@@ -90,6 +92,8 @@ class Task:
         self.stop_token_ids = frozenset(self.stop_token_ids)
         if not all(_is_count(t, 0) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids={sorted(self.stop_token_ids)}: must be token ids in [0, 2**31)")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs={self.logprobs!r}: must be None or an integer in [0, {MAX_LOGPROBS}]")
         for token, bias in self.logit_bias.items():
             if not _is_count(token, 0):
                 raise ValueError(f"logit_bias key {token!r}: must be a token id in [0, 2**31)")
