@@ -22,9 +22,7 @@ def _reference(model, prompt_ids, output_ids):
 def test_logprobs_equal_log_softmax_of_the_full_forward(make_engine, model, sampling):
     engine = make_engine(max_batch_size=4, page_size=4)
     prompts = [[5, 17, 42, 99, 7], [3, 3, 120]]
-    handles = [
-        engine.submit(p, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=4, **sampling)) for p in prompts
-    ]
+    handles = [engine.submit(p, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=4, **sampling)) for p in prompts]
     plain = engine.submit(prompts[0], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0))
     for prompt, handle in zip(prompts, handles, strict=True):
         events = list(handle.iter_sync(timeout=60))
