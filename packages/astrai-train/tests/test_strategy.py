@@ -326,3 +326,92 @@ def test_grpo_online_rollout_matches_offline() -> None:
         _grpo_strategy(generate_fn=generate)
     with pytest.raises(ValueError, match="no responses"):
         _grpo_strategy().prepare({"prompt_ids": torch.tensor([[0]])})
+
+
+# --- strategy metrics (TRL's names) -------------------------------------------------------------------
+
+
+def _means(strategy) -> dict[str, float]:
+    return {name: (pair[0] / pair[1]).item() for name, pair in strategy.metric_sums().items()}
+
+
+def test_dpo_reward_metrics_by_hand() -> None:
+    """TRL's implicit rewards beta (logp_pi - logp_ref) of chosen and rejected, their margin and the
+    fraction of pairs ranked right, as means over the pairs of every call since the last reset."""
+
+    def logp(table: list[list[float]], seq: list[int]) -> float:
+        return sum(log_softmax_row(table[seq[t - 1]], seq[t]) for t in (1, 2))
+
+    pairs = [([0, 1, 2], [0, 2, 2]), ([0, 2, 1], [0, 1, 1]), ([0, 0, 1], [0, 2, 0])]
+    beta = 0.5
+    chosen = [beta * (logp(TRAINED, c) - logp(INITIAL, c)) for c, _ in pairs]
+    rejected = [beta * (logp(TRAINED, r) - logp(INITIAL, r)) for _, r in pairs]
+    assert 0 < sum(c > r for c, r in zip(chosen, rejected)) < len(pairs)  # a batch that is partly wrong
+
+    def batch(rows):
+        mask = torch.tensor([[False, True, True]] * len(rows))
+        return {
+            "chosen": torch.tensor([c for c, _ in rows]),
+            "rejected": torch.tensor([r for _, r in rows]),
+            "chosen_mask": mask,
+            "rejected_mask": mask,
+        }
+
+    strategy, model = _dpo_strategy(beta=beta)
+    strategy.compute_loss(batch(pairs[:2]))  # two micro-batches of one step: means over all three pairs
+    strategy.compute_loss(batch(pairs[2:]))
+    n = len(pairs)
+    expected = {
+        "rewards/chosen": sum(chosen) / n,
+        "rewards/rejected": sum(rejected) / n,
+        "rewards/margins": sum(c - r for c, r in zip(chosen, rejected)) / n,
+        "rewards/accuracies": sum(c > r for c, r in zip(chosen, rejected)) / n,
+        "logps/chosen": sum(logp(TRAINED, c) for c, _ in pairs) / n,
+        "logps/rejected": sum(logp(TRAINED, r) for _, r in pairs) / n,
+    }
+    got = _means(strategy)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+    strategy.reset_metrics()
+    model.eval()  # validation forwards add nothing
+    strategy.compute_loss(batch(pairs))
+    assert strategy.metric_sums() == {}
+
+
+def test_grpo_metrics_by_hand() -> None:
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    tokens = [(0, 1, a), (1, 2, a), (0, 2, -a)]  # (table row, token, advantage) of the 3 completion tokens
+    old = [-0.5, -2.0, -1.0]
+    strategy = _grpo_strategy(clip_eps=0.2, kl_coef=0.1)
+    batch = _grpo_batch(old_logps=torch.tensor([[[old[0], old[1]], [old[2], 0.0]]]))
+    batch_two = {  # a second prompt whose two responses got the same reward
+        **batch,
+        "rewards": torch.tensor([[2.0, 2.0]]),
+    }
+    strategy.compute_loss(batch)
+    strategy.compute_loss(batch_two)
+    clipped, kls = [], []
+    for (row, tok, adv), old_logp in zip(tokens, old):
+        logp = log_softmax_row(TRAINED[row], tok)
+        ref = log_softmax_row(INITIAL[row], tok)
+        ratio = math.exp(logp - old_logp)
+        clipped.append((ratio < 0.8 and adv < 0) or (ratio > 1.2 and adv > 0))
+        kls.append(math.exp(ref - logp) - (ref - logp) - 1)
+    assert 0 < sum(clipped) < 3  # some tokens clipped, some not
+    expected = {
+        "reward": (1.0 + 0.0 + 2.0 + 2.0) / 4,
+        "reward_std": (math.sqrt(0.5) + 0.0) / 2,
+        "frac_reward_zero_std": 0.5,
+        # the second batch's advantages are 0: nothing of it is clipped
+        "clip_ratio/region_mean": sum(clipped) / 6,
+        "kl": 2 * sum(kls) / 6,
+    }
+    got = _means(strategy)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    without_kl = _grpo_strategy()
+    without_kl.compute_loss(batch)
+    assert "kl" not in _means(without_kl) and "reward" in _means(without_kl)

@@ -13,6 +13,13 @@ completion tokens that are scored (prompt and padding False); optional `chosen_i
     ipo:     (delta - 1 / (2 beta))^2  with length-normalised log-probs
 
 The unit is the preference pair: the step's loss is the mean over all its pairs.
+
+Metrics (TRL's names, means over the step's pairs, in each metrics.jsonl record and tracker):
+    rewards/chosen      beta (logp_pi(y_w) - logp_ref(y_w))            (the implicit reward)
+    rewards/rejected    beta (logp_pi(y_l) - logp_ref(y_l))
+    rewards/margins     rewards/chosen - rewards/rejected               (= beta delta)
+    rewards/accuracies  fraction of pairs with rewards/chosen > rewards/rejected
+    logps/chosen, logps/rejected                                        logp_pi of each
 """
 
 from __future__ import annotations
@@ -115,4 +122,12 @@ class DPOStrategy(BaseStrategy):
             ref_logits = self.ref_model.logits(ids, pad)
             ref = sequence_log_probs(completion_log_probs(ref_logits, ids), scored, self.reduction)
         delta = (policy[:n] - ref[:n]) - (policy[n:] - ref[n:])  # (B,)
+        chosen_rewards = self.beta * (policy[:n] - ref[:n]).detach()
+        rejected_rewards = self.beta * (policy[n:] - ref[n:]).detach()
+        self.add_metric("rewards/chosen", chosen_rewards)
+        self.add_metric("rewards/rejected", rejected_rewards)
+        self.add_metric("rewards/margins", chosen_rewards - rejected_rewards)
+        self.add_metric("rewards/accuracies", (chosen_rewards > rejected_rewards).float())
+        self.add_metric("logps/chosen", policy[:n])
+        self.add_metric("logps/rejected", policy[n:])
         return dpo_loss(delta, self.beta, self.loss_type, self.label_smoothing).sum() + aux

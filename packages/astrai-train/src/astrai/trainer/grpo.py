@@ -21,6 +21,14 @@ Aggregation (`reduction`), each an exact mean over the optimizer step's units:
     "token"    sum of l_t over all completion tokens / their count            (DAPO; the default)
     "sequence" mean over responses of each response's token mean             (original GRPO)
     "dr_grpo"  sum of l_t / (responses x max_completion_length)               (Dr. GRPO)
+
+Metrics (TRL's names, means over the optimizer step, in each metrics.jsonl record and tracker):
+    reward                  mean reward of the responses
+    reward_std              mean over prompts of the group's reward std (0 for G = 1)
+    frac_reward_zero_std    fraction of groups whose rewards are all equal (advantages 0: no signal)
+    clip_ratio/region_mean  fraction of completion tokens whose ratio is clipped (ratio < 1 - clip_eps
+                            with A < 0, or > 1 + clip_eps_high with A > 0)
+    kl                      mean k3_t over completion tokens (only when kl_coef > 0)
 """
 
 from __future__ import annotations
@@ -178,10 +186,16 @@ class GRPOStrategy(BaseStrategy):
         ratio = torch.exp(logp - old)
         clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps_high)
         per_token = -torch.minimum(ratio * adv, clipped * adv)  # (BG, R)
+        self._add_reward_metrics(batch["rewards"])
+        low = (ratio < 1 - self.clip_eps) & (adv < 0)
+        high = (ratio > 1 + self.clip_eps_high) & (adv > 0)
+        self.add_metric("clip_ratio/region_mean", (low | high).float(), mask)
         if self.kl_coef > 0:
             ref_logits = self.ref_model.logits(ids, pad)[:, p - 1 : p + r - 1]
             log_ratio = token_log_probs(ref_logits, responses) - logp  # log(pi_ref / pi)
-            per_token = per_token + self.kl_coef * (torch.exp(log_ratio) - log_ratio - 1)
+            k3 = torch.exp(log_ratio) - log_ratio - 1
+            self.add_metric("kl", k3, mask)
+            per_token = per_token + self.kl_coef * k3
         per_token = per_token * mask
         if self.reduction == "sequence":
             total = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
@@ -190,6 +204,13 @@ class GRPOStrategy(BaseStrategy):
         else:
             total = per_token.sum()
         return total + aux
+
+    def _add_reward_metrics(self, rewards: torch.Tensor) -> None:
+        rewards = rewards.detach().float()  # (B, G)
+        std = rewards.std(-1) if rewards.shape[-1] > 1 else torch.zeros_like(rewards[:, 0])
+        self.add_metric("reward", rewards)
+        self.add_metric("reward_std", std)
+        self.add_metric("frac_reward_zero_std", torch.isclose(std, torch.zeros_like(std)).float())
 
     # --- reference synchronisation -----------------------------------------------------------------------
 

@@ -11,7 +11,12 @@ so the log reads as one uninterrupted run.
 Record: {"step", "epoch", "iter", "timestamp", <metric>: value, ...} with metrics from
 `astrai.config.METRICS`: loss (the step's exact mean loss), lr, val_loss (latest validation, or null),
 grad_norm (global L2 norm before clipping), grad_mean / grad_std / grad_max / grad_min over every
-gradient element (after clipping) and grad_nan_num, tokens_per_sec (input tokens, all ranks).
+gradient element (after clipping) and grad_nan_num, tokens_per_sec (input tokens, all ranks); then the
+strategy's own metrics of the step, whichever metrics are chosen (DPO: rewards/chosen, rewards/rejected,
+rewards/margins, rewards/accuracies, logps/chosen, logps/rejected; GRPO: reward, reward_std,
+frac_reward_zero_std, clip_ratio/region_mean, kl), each a mean over the step's units on all ranks.
+
+With `report_to` (`astrai.trainer.trackers`) each record also goes to TensorBoard / W&B / MLflow.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from astrai.config import METRICS
 from astrai.trainer.callback import CallbackFactory
+from astrai.trainer.trackers import Tracker, check_trackers, loggable, open_tracker
 
 if TYPE_CHECKING:
     from astrai.trainer.context import TrainContext
@@ -67,6 +73,20 @@ def gradient_statistics(model: nn.Module) -> dict[str, float]:
     }
 
 
+def strategy_metrics(context: TrainContext) -> dict[str, float | None]:
+    """The strategy's metrics of the last step: sums and counts all-reduced over ranks (every rank calls)."""
+    metric_sums = getattr(getattr(context, "strategy", None), "metric_sums", None)
+    sums = metric_sums() if metric_sums is not None else {}
+    names = sorted(sums)
+    if not names:
+        return {}
+    totals = torch.stack([sums[n] for n in names])  # (metrics, 2): sum, count
+    if context.world_size > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    totals = totals.tolist()
+    return {n: s / c if c else None for n, (s, c) in zip(names, totals)}
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics JSONL file; a line that is not JSON raises `ValueError` naming it."""
     records = []
@@ -82,10 +102,18 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 @CallbackFactory.register("metric_logger")
 class MetricLoggerCallback:
-    """Append the chosen `metrics` every `log_interval` optimizer steps to `log_dir/metrics.jsonl`."""
+    """Append the chosen `metrics` every `log_interval` optimizer steps to `log_dir/metrics.jsonl`, and
+    send each record to the trackers named in `report_to` (their libraries are checked here: a missing
+    one is a `ValueError` before training)."""
 
     def __init__(
-        self, log_dir: str, save_interval: int = 1, log_interval: int = 10, metrics: list[str] | None = None
+        self,
+        log_dir: str,
+        save_interval: int = 1,
+        log_interval: int = 10,
+        metrics: list[str] | None = None,
+        report_to: list[str] | None = None,
+        run_name: str | None = None,
     ) -> None:
         metrics = ["loss", "lr"] if metrics is None else list(metrics)
         unknown = [m for m in metrics if m not in METRICS]
@@ -97,6 +125,10 @@ class MetricLoggerCallback:
         self.save_interval = save_interval  # records between flushes to disk
         self.log_interval = log_interval
         self.metrics = metrics
+        self.report_to = list(report_to or [])
+        check_trackers(self.report_to)
+        self.run_name = run_name
+        self._trackers: list[Tracker] = []
         self._file: IO[str] | None = None
         self._unflushed = 0
         self._grad_stats: dict[str, float] = {}
@@ -116,6 +148,11 @@ class MetricLoggerCallback:
         if self.path.exists():
             _keep_records_up_to(self.path, context.step)
         self._file = open(self.path, "a", encoding="utf-8")
+        if not self.report_to:
+            return
+        config = {**(context.run_config or {}), "train": context.config.to_dict()}
+        for name in self.report_to:
+            self._trackers.append(open_tracker(name, self.log_dir, self.run_name, config, context.step))
 
     def on_optimizer_step(self, context: TrainContext) -> None:
         # Runs on every rank: with FSDP the statistics are reduced over the gradient shards.
@@ -132,6 +169,7 @@ class MetricLoggerCallback:
         rate = (tokens - self._clock[1]) * context.world_size / max(now - self._clock[0], 1e-9)
         self._clock = (now, tokens)
         self._logged_step = context.step
+        extra = strategy_metrics(context)  # a collective: before rank 0 alone goes on
         if self._file is None:
             return
         values = {
@@ -150,7 +188,11 @@ class MetricLoggerCallback:
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         record.update({m: values.get(m) for m in self.metrics})
+        record.update(extra)
         self._file.write(json.dumps(record) + "\n")
+        numbers = loggable(record)
+        for tracker in self._trackers:
+            tracker.log(numbers, context.step)
         self._unflushed += 1
         if self._unflushed >= self.save_interval:
             self._flush()
@@ -161,15 +203,22 @@ class MetricLoggerCallback:
             self._unflushed = 0
 
     def on_train_end(self, context: TrainContext) -> None:
-        if context.step != self._logged_step:  # the last step, off the log_interval grid
+        failed = getattr(context, "error", None) is not None
+        if not failed and context.step != self._logged_step:  # the last step, off the log_interval grid
             self._record(context)
-        self.on_error(context)
+        self._close(failed=failed)
 
     def on_error(self, context: TrainContext) -> None:
         # Training failed: the log ends with the last completed record (on_train_end then writes nothing).
+        self._close(failed=True)
+
+    def _close(self, failed: bool) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            tracker.close(failed=failed)
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:

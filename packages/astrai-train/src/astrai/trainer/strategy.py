@@ -95,6 +95,34 @@ class BaseStrategy(ABC):
         """Restore what `state_dict` returned."""
         return None
 
+    # --- step metrics --------------------------------------------------------------------------------------
+    # Strategy-specific training metrics (DPO's implicit rewards, GRPO's reward statistics), each a mean over
+    # the units of one optimizer step: the trainer resets them as a step starts, the strategy adds (sum,
+    # count) pairs while it computes the step's losses, and the metric logger reduces them over ranks into
+    # each metrics.jsonl record. Forward passes in eval mode (validation) add nothing.
+
+    def reset_metrics(self) -> None:
+        """Forget the metrics added so far (the trainer calls this as each optimizer step starts)."""
+        self.__dict__["_metric_sums"] = {}
+
+    def metric_sums(self) -> dict[str, torch.Tensor]:
+        """name -> float64 tensor [sum, count] of what `add_metric` was given since the last reset."""
+        return self.__dict__.get("_metric_sums", {})
+
+    def add_metric(self, name: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add `values` (under the bool `mask`, if given) to the step's mean of metric `name`; ignored
+        while the model is in eval mode."""
+        if not unwrap(self.model).training:
+            return
+        values = values.detach().double()
+        if mask is not None:
+            mask = mask.to(values.device, torch.bool)
+            pair = torch.stack([(values * mask).sum(), mask.sum().double()])
+        else:
+            pair = torch.stack([values.sum(), torch.tensor(values.numel(), dtype=torch.float64, device=values.device)])
+        sums = self.__dict__.setdefault("_metric_sums", {})
+        sums[name] = sums[name] + pair if name in sums else pair
+
     def _require(self, batch: dict[str, torch.Tensor], *keys: str) -> None:
         missing = [k for k in keys if k not in batch]
         if missing:

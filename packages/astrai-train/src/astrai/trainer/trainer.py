@@ -89,7 +89,12 @@ class Trainer:
             CallbackFactory.create("gradient_clipping", max_grad_norm=cfg.max_grad_norm),
             CallbackFactory.create("validation"),
             CallbackFactory.create(
-                "metric_logger", log_dir=cfg.log_dir, log_interval=cfg.log_interval, metrics=cfg.metrics
+                "metric_logger",
+                log_dir=cfg.log_dir,
+                log_interval=cfg.log_interval,
+                metrics=cfg.metrics,
+                report_to=cfg.report_to,
+                run_name=cfg.run_name,
             ),
             CallbackFactory.create(
                 "checkpoint", save_dir=cfg.ckpt_dir, interval=cfg.ckpt_interval, keep=cfg.keep_checkpoints
@@ -195,6 +200,7 @@ class Trainer:
                 return False
 
         context.in_step = True
+        strategy.reset_metrics()  # the step's strategy metrics (DPO rewards, ...) start from nothing
         executor.gradient_state.begin_window(len(batches))
         step_loss = torch.zeros((), dtype=torch.float32, device=units.device)
         for i, (raw, batch) in enumerate(zip(window, batches)):
