@@ -150,7 +150,8 @@ def test_sampling_parameters_reach_the_engine(server):
         ({"stop": ["ok", ""]}, "stop", "non-empty"),
         ({"max_tokens": 1000}, "max_tokens", "exceeds the model's context length of 256"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
-        ({"logprobs": True}, "logprobs", "not supported"),
+        ({"top_logprobs": 2}, None, "top_logprobs requires logprobs to be true"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

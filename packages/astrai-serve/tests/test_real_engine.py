@@ -116,6 +116,35 @@ def test_openai_plain_and_stream_match_the_engine(real):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: prefix cache hit
 
 
+def test_openai_logprobs_are_the_engines_plain_and_streamed(real):
+    from astrai.inference import SamplingParams
+
+    engine, url, *_ = real
+    ids = engine.tokenizer.apply_chat_template(USER, tokenize=True, add_generation_prompt=True)
+    events = list(
+        engine.submit(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)).iter_sync(60)
+    )
+    expected = [lp for e in events for lp in e.logprobs]
+
+    def as_wire(lp):  # what the server must send for one engine TokenLogprob
+        text = lambda i: engine.tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
+        return (text(lp.token_id), lp.logprob, [(text(i), v) for i, v in lp.top])
+
+    client = _openai(url)
+    ask = {"temperature": 0, "max_tokens": 8, "logprobs": True, "top_logprobs": 2, "extra_body": {"ignore_eos": True}}
+    r = client.chat.completions.create(model="m", messages=USER, **ask)
+    content = r.choices[0].logprobs.content
+    got = [(c.token, c.logprob, [(t.token, t.logprob) for t in c.top_logprobs]) for c in content]
+    assert got == [as_wire(lp) for lp in expected]
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="m", messages=USER, stream=True, **ask))
+    streamed = [c for chunk in chunks for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [as_wire(lp)[:2] for lp in expected]
+    plain = client.chat.completions.create(model="m", messages=USER, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
 def test_stop_sequence_matches_the_engine(real):
     engine, url, *_ = real
     text, _ = _reference(engine, USER, 24)

@@ -8,10 +8,11 @@ per independent generation (OpenAI's `n`; Anthropic always has one). `record` fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from astrai.inference import GenerationEvent
+from astrai.inference import GenerationEvent, TokenLogprob
 
 # Final finish reasons that mean the generation did not complete normally (engine failure or shutdown).
 FAILED_FINISH_REASONS = frozenset({"error", "cancelled"})
@@ -28,6 +29,8 @@ class ChoiceState:
     finish_reason: str | None = None  # engine terms: stop, stop_sequence, length, cancelled, error
     stop_sequence: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet in a stream chunk
 
 
 @dataclass
@@ -44,6 +47,7 @@ class GenContext:
     include_usage: bool = False  # OpenAI stream_options.include_usage
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams arguments other than `stop`
     choices: list[ChoiceState] = field(default_factory=lambda: [ChoiceState(0)])
+    token_text: Callable[[int], str] | None = None  # a token id's text, set when the request asked for logprobs
 
     def record(self, index: int, event: GenerationEvent) -> None:
         """Fold one engine event of choice `index` into the context."""
@@ -51,6 +55,9 @@ class GenContext:
         choice.text += event.text
         self.completion_tokens += event.completion_tokens - choice.completion_tokens
         choice.completion_tokens = event.completion_tokens
+        if event.logprobs:
+            choice.logprobs += event.logprobs
+            choice.unsent_logprobs += event.logprobs
         if index == 0:  # every choice has the same prompt; report the first one's cache hits
             self.cached_tokens = event.cached_tokens
         if event.finished:

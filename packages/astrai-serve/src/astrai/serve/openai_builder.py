@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from astrai.inference import TokenLogprob
 from astrai.serve.builder import ResponseBuilder, check_context, settle, sse
 from astrai.serve.context import ChoiceState, GenContext
 from astrai.serve.errors import APIError
@@ -62,6 +63,7 @@ class OpenAIResponseBuilder(ResponseBuilder):
             "logit_bias": request.logit_bias,
             "seed": request.seed,
             "ignore_eos": request.ignore_eos,
+            "logprobs": (request.top_logprobs or 0) if request.logprobs else None,
         }
         ctx = GenContext(
             resp_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -73,15 +75,33 @@ class OpenAIResponseBuilder(ResponseBuilder):
             sampling={k: v for k, v in sampling.items() if v is not None},
             choices=[ChoiceState(i) for i in range(request.n or 1)],
         )
+        if request.logprobs:
+            ctx.token_text = lambda token_id: engine.tokenizer.decode([token_id], skip_special_tokens=False)
         return prompt_ids, ctx, request.stop_sequences
 
+    @staticmethod
+    def _logprobs(ctx: GenContext, logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+        """OpenAI's `logprobs` object for these tokens (None when the request did not ask for them)."""
+        if ctx.token_text is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = ctx.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        content = [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(*t) for t in lp.top]} for lp in logprobs]
+        return {"content": content, "refusal": None}
+
     def _chunk(self, ctx: GenContext, index: int, delta: dict[str, str], finish_reason: str | None = None) -> str:
+        choice = ctx.choices[index]
+        logprobs = self._logprobs(ctx, choice.unsent_logprobs)
+        choice.unsent_logprobs = []
         data: dict[str, Any] = {
             "id": ctx.resp_id,
             "object": "chat.completion.chunk",
             "created": ctx.created,
             "model": ctx.model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
         if ctx.include_usage:
             data["usage"] = None
@@ -129,7 +149,7 @@ class OpenAIResponseBuilder(ResponseBuilder):
                 {
                     "index": c.index,
                     "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": self._logprobs(ctx, c.logprobs),
                     "finish_reason": _FINISH_REASONS[c.finish_reason],
                 }
                 for c in ctx.choices

@@ -1,8 +1,9 @@
 """Request schema of OpenAI's `POST /v1/chat/completions`, as far as this server implements it.
 
 Field names, types and ranges follow the OpenAI API reference. Unknown fields are ignored (clients send
-many optional ones); fields that ask for output this server cannot produce (`tools`, `logprobs`, a JSON
-`response_format`) are refused instead of silently ignored. `top_k`, `repetition_penalty` and
+many optional ones); fields that ask for output this server cannot produce (`tools`, a JSON `response_format`)
+are refused instead of silently ignored. `logprobs` / `top_logprobs` (at most 20) report the log-probabilities
+of the model's logits before the sampling filters, as OpenAI and vLLM do. `top_k`, `repetition_penalty` and
 `ignore_eos` are extensions in the style of vLLM.
 """
 
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, Strict, field_validator, model_validator
 
+from astrai.inference.task import MAX_LOGPROBS
 from astrai.serve.fields import STRICT, Count, StopSequences, Text, TextBlock, TopK, joined_text
 
 MAX_CHOICES = 16  # upper bound on `n`: each choice is an independent engine request
@@ -71,6 +73,7 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     ignore_eos: bool | None = False
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 
@@ -97,12 +100,11 @@ class ChatCompletionRequest(BaseModel):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token_id}")
         return bias
 
-    @field_validator("logprobs")
-    @classmethod
-    def _refuse_logprobs(cls, logprobs: bool | None) -> bool | None:
-        if logprobs:
-            raise ValueError("logprobs are not supported by this server")
-        return logprobs
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
 
     @field_validator("response_format")
     @classmethod
