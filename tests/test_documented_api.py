@@ -570,3 +570,49 @@ def test_builders_accept_the_documented_call_forms():
     assert '"stop_reason":"end_turn"' in "".join(anthropic.format_stream_end(context(), None))
     assert '"stop_sequence":"wor"' in "".join(anthropic.format_stream_end(context(), stop="wor"))
     assert '"finish_reason":"stop"' in "".join(openai.format_stream_end(context(), "wor"))
+
+
+# --- the distributions' READMEs list what each provides ---------------------------------------------------------
+
+
+def providing_distribution(module_name: str) -> str:
+    """The packages/<distribution> folder whose source defines `module_name`."""
+    path = Path(importlib.import_module(module_name).__file__).resolve()
+    return path.relative_to(ROOT / "packages").parts[0]
+
+
+def provided_names() -> dict[str, set[tuple[str, str]]]:
+    """Distribution -> {(documented module, name)} of the diagram's classes (and <<module>> functions) it defines."""
+    classes, modules, _ = diagram()
+    provided: dict[str, set[tuple[str, str]]] = {}
+    for cls in classes.values():
+        if cls.stereotype == "singleton":  # `app`: built on access (test_app_is_the_served_fastapi_app)
+            entries = [(cls.name, "astrai.serve.env_app")]
+        elif cls.stereotype == "module":
+            module = resolve(cls)
+            entries = [(m.name, getattr(module, m.name).__module__) for m in cls.members]
+        else:
+            entries = [(cls.name, resolve(cls).__module__)]
+        for name, defined_in in entries:
+            provided.setdefault(providing_distribution(defined_in), set()).add((modules[cls.name], name))
+    return provided
+
+
+def readme_names(readme: Path) -> set[tuple[str, str]]:
+    """(module, name) pairs of the '## Documented names' section's bullets: "- `astrai.x` (note): `A`, `B`"."""
+    text = readme.read_text(encoding="utf-8")
+    section = text.split("\n## Documented names\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    bullets = re.split(r"\n(?=- )", re.sub(r"\n  +", " ", section))
+    names = set()
+    for bullet in bullets:
+        if m := re.match(r"- `(astrai\.\w+)`(?: \([^)]*\))?: (.*)", bullet.strip()):
+            names |= {(m.group(1), name) for name in re.findall(r"`(\w+)`", m.group(2))}
+    return names
+
+
+def test_each_readme_lists_the_documented_names_its_distribution_provides():
+    provided = provided_names()
+    assert sorted(provided) == ["astrai-core", "astrai-infer", "astrai-model", "astrai-serve", "astrai-train"]
+    assert sum(len(v) for v in provided.values()) == len(diagram()[0]) - 1 + 6  # Functions is six functions
+    for distribution, names in provided.items():
+        assert readme_names(ROOT / "packages" / distribution / "README.md") == names, distribution
