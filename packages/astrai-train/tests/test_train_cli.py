@@ -240,6 +240,7 @@ def test_signal_saves_reports_and_exits_non_zero_without_export(run_dir: Path, s
         ({"seed": -1}, "seed: must be an int"),
         ({"output": 5}, "output: must be a path string"),
         ({"train__strategy": "ppo"}, "train.strategy='ppo': unknown strategy; known ['dpo', 'grpo', 'seq', 'sft']"),
+        ({"train__report_to": ["tensorbord"]}, "TrainConfig.report_to='tensorbord': allowed: ['tensorboard'"),
         ({"data__window_size": 64}, "dataset: window_size=64 exceeds the model's max_len=32"),
         (
             {"model": {"config": {**MODEL, "vocab_size": 100}}},
@@ -250,6 +251,29 @@ def test_signal_saves_reports_and_exits_non_zero_without_export(run_dir: Path, s
 def test_run_file_errors_name_the_key(run_dir: Path, capsys, changes, message: str) -> None:
     assert main(["train", "--config", str(_run_file(run_dir, **changes))]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_report_to_from_a_run_file(run_dir: Path, capsys, monkeypatch) -> None:
+    """`train.report_to: tensorboard` in a run file: the loss curve in TensorBoard equals metrics.jsonl and the
+    run file's values are its config; a tracker whose library is missing stops the command before training."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["train", "--config", str(_run_file(run_dir, train__report_to="tensorboard"))]) == 0
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    records = read_metrics(run_dir / "logs" / "metrics.jsonl")
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records
+    ]
+    (config,) = events.Tensors("config/text_summary")
+    assert b'"lr_decay_steps": 20' in config.tensor_proto.string_val[0]
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    run_file = _run_file(run_dir, "wandb.yaml", train__report_to=["wandb"], train__ckpt_dir="ckpt-wandb")
+    assert main(["train", "--config", str(run_file)]) == 2
+    err = capsys.readouterr().err
+    assert "report_to='wandb' needs the wandb library" in err and "pip install 'astrai-train[wandb]'" in err
+    assert not (run_dir / "ckpt-wandb").exists()
 
 
 def test_cli_usage_errors(run_dir: Path, capsys) -> None:
