@@ -48,3 +48,18 @@ def test_logprobs_zero_gives_only_the_sampled_token(make_engine):
     for bad in (-1, 21, 2.0, True):
         with pytest.raises(ValueError, match="logprobs="):
             SamplingParams(logprobs=bad)
+
+
+def test_prompt_logprobs_come_with_the_first_event(make_engine, model):
+    engine = make_engine(page_size=4)
+    prompt = [5, 17, 42, 99, 7, 7, 300]
+    list(engine.submit(prompt, SamplingParams(max_tokens=1)).iter_sync(timeout=60))  # now prefix-cached
+    events = list(engine.submit(prompt, SamplingParams(max_tokens=2, prompt_logprobs=3)).iter_sync(timeout=60))
+    first, rest = events[0].prompt_logprobs, [e.prompt_logprobs for e in events[1:]]
+    assert rest == [None] * len(rest)
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt]))["logits"][0].float().log_softmax(-1)
+    assert [lp.token_id for lp in first] == prompt[1:]
+    for position, lp in enumerate(first):  # position t predicts token t + 1
+        assert lp.logprob == pytest.approx(reference[position, prompt[position + 1]].item(), abs=1e-4)
+        assert [t for t, _ in lp.top] == reference[position].topk(3).indices.tolist()

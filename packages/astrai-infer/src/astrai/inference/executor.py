@@ -160,6 +160,12 @@ class Executor:
             tokens = SamplingPipeline.for_tasks(tasks, logits.device).sample(logits)
         return tokens.tolist()
 
+    def sequence_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """(T, V) logits at every position of `token_ids`, from the model's reference forward (no KV cache):
+        what prompt log-probabilities are read from."""
+        with torch.inference_mode():
+            return self.model(torch.tensor([list(token_ids)], device=self.device))["logits"][0]
+
     def _forward(self, tasks: Sequence[Task], chunks: list[list[int]]) -> torch.Tensor:
         lens = [len(c) for c in chunks]
         starts = [t.next_pos for t in tasks]

@@ -33,6 +33,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # in addition to the tokenizer's stop ids
     ignore_eos: bool = False  # True: the tokenizer's stop ids do not end the output (stop_token_ids still do)
     logprobs: int | None = None  # k in [0, 20]: events carry each token's log-probability and the k most likely
+    prompt_logprobs: int | None = None  # k in [0, 20]: the first event carries the same for the prompt's tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and self.top_p <= 0:
@@ -66,6 +67,7 @@ class SamplingParams:
             "seed": self.seed,
             "stop_token_ids": frozenset(stop_ids),
             "logprobs": self.logprobs,
+            "prompt_logprobs": self.prompt_logprobs,
         }
 
 

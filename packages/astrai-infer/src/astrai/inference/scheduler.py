@@ -48,7 +48,7 @@ from astrai.inference.cache import KVCache
 from astrai.inference.executor import Executor
 from astrai.inference.openmp import release_thread_pool
 from astrai.inference.stats import SchedulerStats
-from astrai.inference.stream import GenerationEvent, TokenLogprob
+from astrai.inference.stream import GenerationEvent, TokenLogprob, token_logprobs
 from astrai.inference.task import Task, TaskStatus
 from astrai.inference.task_manager import TaskManager
 
@@ -365,13 +365,15 @@ class InferenceScheduler:
         try:
             previous = task.last_token_time
             task.append_token(token)
+            output = self._task_mgr.stream(task.task_id)
             if previous is None:
                 self._stats.first_token(task.first_token_time - task.arrival_time)
+                if task.prompt_logprobs is not None:  # sent with the first event
+                    output.prompt_logprobs = self._prompt_logprobs(task)
             else:
                 self._stats.next_token(task.last_token_time - previous)
             self._stats.count("generation_tokens_total")
             reason = task.stop_reason()
-            output = self._task_mgr.stream(task.task_id)
             output.push(token, visible=reason != "stop", logprob=logprob)
             if output.matched_stop is not None:
                 self._finish(task, "stop_sequence")
@@ -380,6 +382,11 @@ class InferenceScheduler:
         except Exception as exc:
             logger.exception("handling the output of task %s failed", task.task_id)
             self._finish(task, "error", f"{type(exc).__name__}: {exc}")
+
+    def _prompt_logprobs(self, task: Task) -> list[TokenLogprob]:
+        """Log-probabilities of the prompt's tokens after the first, from one reference forward over the prompt."""
+        logits = self._executor.sequence_logits(task.prompt_ids)[:-1]  # position t predicts token t + 1
+        return token_logprobs(logits, task.prompt_ids[1:], [task.prompt_logprobs] * (len(task.prompt_ids) - 1))
 
     def _finish(self, task: Task, reason: str, error: str | None = None) -> None:
         """Retire `task` with `reason`: free its pages, drop it from the queues, send its final event."""
@@ -464,14 +471,7 @@ def _token_logprobs(tasks: list[Task], logits: torch.Tensor, tokens: list[int | 
     rows = [i for i, (task, token) in enumerate(zip(tasks, tokens, strict=True))
             if task.logprobs is not None and token is not None]  # fmt: skip
     out: list[TokenLogprob | None] = [None] * len(tasks)
-    if not rows:
-        return out
-    logprobs = logits[rows].float().log_softmax(dim=-1)  # (R, V)
-    chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device)).squeeze(1)
-    k = max(tasks[i].logprobs for i in rows)
-    top_values, top_ids = logprobs.topk(k, dim=-1)  # k = 0: empty
-    for j, i in enumerate(rows):
-        n = tasks[i].logprobs
-        top = tuple(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist(), strict=True))
-        out[i] = TokenLogprob(tokens[i], chosen[j].item(), top)
+    found = token_logprobs(logits[rows], [tokens[i] for i in rows], [tasks[i].logprobs for i in rows])
+    for i, logprob in zip(rows, found, strict=True):
+        out[i] = logprob
     return out

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import torch
+
 from astrai.inference.stop import StopChecker
 from astrai.inference.task import Task
 from astrai.tokenize import IncrementalDetokenizer
@@ -35,6 +37,21 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
+    """Row r's `TokenLogprob` of `token_ids[r]` under `logits[r]` (R, V), with its `tops[r]` most likely tokens."""
+    if not len(token_ids):
+        return []
+    logprobs = logits.float().log_softmax(dim=-1)
+    index = torch.tensor(list(token_ids), device=logits.device).unsqueeze(1)
+    chosen = logprobs.gather(1, index).squeeze(1).tolist()
+    top_values, top_ids = logprobs.topk(max(tops), dim=-1)  # max(tops) = 0: empty
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        TokenLogprob(token, chosen[r], tuple(zip(top_ids[r][:k], top_values[r][:k], strict=True)))
+        for r, (token, k) in enumerate(zip(token_ids, tops, strict=True))
+    ]
+
+
 @dataclasses.dataclass
 class GenerationEvent:
     """One piece of a request's output, or its final event (`finished=True`, with `finish_reason`)."""
@@ -49,6 +66,8 @@ class GenerationEvent:
     completion_tokens: int  # every token sampled so far, a final stop token included
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
+    # The first event of a request that asked for prompt log-probabilities: one per prompt token but the first.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class OutputStream:
@@ -61,6 +80,7 @@ class OutputStream:
         self._pending_ids: list[int] = []  # sampled since the last event, not yet sent
         self._pending_logprobs: list[TokenLogprob] | None = [] if task.logprobs is not None else None
         self.cached_tokens = 0  # prompt tokens the prefix cache served; the loop sets it at admission
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # set by the loop; sent with the first event
         self.finished = False
 
     @property
@@ -112,7 +132,9 @@ class OutputStream:
             completion_tokens=task.output_tokens,
             error=error,
             logprobs=self._pending_logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
+        self.prompt_logprobs = None
         self._pending_ids = []
         self._pending_logprobs = [] if self._pending_logprobs is not None else None
         if task.stream_callback is not None:

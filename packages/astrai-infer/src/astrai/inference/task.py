@@ -47,6 +47,7 @@ class Task:
     stop_token_ids: frozenset[int] = frozenset()
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
     logprobs: int | None = None  # None: none; k: each sampled token's log-probability and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (one extra forward)
     stream_callback: Callable[..., Any] | None = None
 
     status: TaskStatus = TaskStatus.PENDING
@@ -92,8 +93,10 @@ class Task:
         self.stop_token_ids = frozenset(self.stop_token_ids)
         if not all(_is_count(t, 0) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids={sorted(self.stop_token_ids)}: must be token ids in [0, 2**31)")
-        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs={self.logprobs!r}: must be None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name}={value!r}: must be None or an integer in [0, {MAX_LOGPROBS}]")
         for token, bias in self.logit_bias.items():
             if not _is_count(token, 0):
                 raise ValueError(f"logit_bias key {token!r}: must be a token id in [0, 2**31)")
