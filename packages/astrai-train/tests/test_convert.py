@@ -217,8 +217,9 @@ def test_a_template_that_does_not_extend_its_prefixes_is_an_error(tok):
 
 
 def test_a_template_without_special_tokens_still_masks_exactly_the_reply(tok):
-    # "th" then the generation prompt "e:" reads "the:", which BPE cuts differently from "th" + "e:"; the
-    # pieces are tokenised apart, so the reply's tokens are still exactly its own.
+    # "th" then the generation prompt "e:" reads "the:", which BPE cuts differently from "th" + "e:". The
+    # chat is cut only around assistant turns: the prompt is tokenised whole, as generation encodes it, and
+    # the reply apart from it, so the reply's tokens are still exactly its own.
     glued = (
         "{% for m in messages %}{% if m['role'] == 'assistant' %}e:{% endif %}{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}e:{% endif %}"
@@ -229,7 +230,7 @@ def test_a_template_without_special_tokens_still_masks_exactly_the_reply(tok):
     chat = [{"role": "user", "content": "th"}, {"role": "assistant", "content": "is"}]
     out = convert_records("sft", numbered([{"messages": chat}]), odd)
     [ids], [mask] = out.data["sequence"], out.data["loss_mask"]
-    assert ids.tolist() == [tok.bos_id, *encode("th"), *encode("e:"), *encode("is")]
+    assert ids.tolist() == [tok.bos_id, *encode("the:"), *encode("is")]
     assert decode(tok, ids[mask]) == "is"  # no stop token in the piece: all of it is the reply
 
 
@@ -251,7 +252,7 @@ def test_empty_input_and_unknown_kind_are_errors(tok, tmp_path):
     broken.write_text('{"text": "ok"}\n{not json\n', encoding="utf-8")
     with pytest.raises(ValueError, match="broken.jsonl:2: not a JSON record"):
         list(read_records([broken]))
-    with pytest.raises(ValueError, match="is not a file"):
+    with pytest.raises(ValueError, match="missing.jsonl' does not exist"):
         list(read_records([tmp_path / "missing.jsonl"]))
 
 

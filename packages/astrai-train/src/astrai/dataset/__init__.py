@@ -1,13 +1,15 @@
-"""Training data: stores (HDF5, JSON Lines, memory-mapped), datasets per training type, and a resumable
-distributed sampler."""
+"""Training data: raw records (JSON Lines, JSON, Parquet, Arrow, saved `datasets`) converted into stores (HDF5,
+JSON Lines, memory-mapped), datasets per training type, and a resumable distributed sampler."""
 
-from astrai.dataset.convert import ChatEncoder, Converted, convert_records, read_records, read_texts, save_store
+from astrai.dataset.chat_encoder import ChatEncoder, RefusedRecord
+from astrai.dataset.convert import Converted, convert_records, save_store
 from astrai.dataset.corpus import Topic, builtin_texts, builtin_topics, corpus_records, write_corpus
 from astrai.dataset.dataset import BaseDataset, DatasetFactory, collate
 from astrai.dataset.grpo_dataset import GRPODataset
 from astrai.dataset.h5_store import H5Store, save_h5
 from astrai.dataset.json_store import JSONStore, save_jsonl
 from astrai.dataset.mmap_store import MmapStore, save_mmap
+from astrai.dataset.records import map_fields, read_records, read_texts
 from astrai.dataset.sampler import ResumableDistributedSampler
 from astrai.dataset.store import Store, StoreFactory
 from astrai.dataset.window_datasets import DPODataset, SEQDataset, SFTDataset
@@ -22,6 +24,7 @@ __all__ = [
     "H5Store",
     "JSONStore",
     "MmapStore",
+    "RefusedRecord",
     "ResumableDistributedSampler",
     "SEQDataset",
     "SFTDataset",
@@ -33,6 +36,7 @@ __all__ = [
     "collate",
     "convert_records",
     "corpus_records",
+    "map_fields",
     "read_records",
     "read_texts",
     "save_h5",

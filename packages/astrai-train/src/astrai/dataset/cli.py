@@ -1,10 +1,12 @@
-"""`astrai data`: train a tokenizer, convert JSON Lines into a store, write the built-in corpus.
+"""`astrai data`: train a tokenizer, convert records into a store, write the built-in corpus.
 
     astrai data corpus --kind sft --output sft.jsonl [--limit N --seed S]
     astrai data tokenizer --input FILE_OR_DIR... [--builtin-corpus] --vocab-size N --output DIR
-    astrai data build --kind text|sft|dpo|grpo --input FILE.jsonl... --tokenizer DIR --output DIR [--store mmap|h5|json]
+    astrai data build --kind text|sft|dpo|grpo --input FILE_OR_DIR... --tokenizer DIR --output DIR
+                      [--store mmap|h5|json] [--field NAME=COLUMN ...] [--split NAME]
 
-Each prints one summary line. The work is in `corpus` and `convert`, imported (with the tokenizer) only
+`build` reads JSON Lines, JSON, Parquet, `datasets` Arrow files and folders saved by `datasets`
+(`records`), in TRL's dataset formats (`convert`). Each action prints one summary line. The work is in `corpus` and `convert`, imported (with the tokenizer) only
 when an action runs.
 """
 
@@ -32,11 +34,20 @@ def _corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _field(value: str) -> tuple[str, str]:
+    from astrai.dataset.records import parse_field
+
+    try:
+        return parse_field(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _tokenizer(args: argparse.Namespace) -> int:
     from itertools import chain
 
-    from astrai.dataset.convert import read_texts
     from astrai.dataset.corpus import builtin_texts
+    from astrai.dataset.records import read_texts
     from astrai.tokenize import train_bpe_tokenizer
 
     if not args.input and not args.builtin_corpus:
@@ -59,12 +70,16 @@ def _tokenizer(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from astrai.dataset.convert import DATASET_TYPES, check_output, convert_records, read_records, save_store
+    from astrai.dataset.convert import DATASET_TYPES, check_output, convert_records, save_store
+    from astrai.dataset.records import map_fields, read_records
     from astrai.tokenize import AutoTokenizer
 
+    fields = dict(args.field)
+    if len(fields) != len(args.field):
+        raise ValueError(f"--field names a field twice: {[f'{n}={c}' for n, c in args.field]}")
     check_output(args.output)  # before the work, not after it
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    out = convert_records(args.kind, read_records(args.input), tokenizer)
+    out = convert_records(args.kind, map_fields(read_records(args.input, args.split), fields), tokenizer)
     save_store(out.data, args.output, args.store)
     lengths = ""  # what the dataset's window_size has to fit
     if args.kind == "dpo":
@@ -73,15 +88,18 @@ def _build(args: argparse.Namespace) -> int:
         lengths = (
             f", prompts of {out.data['prompts'][0].shape[1]} + responses of {out.data['responses'][0].shape[2]} tokens"
         )
+    refused = ""  # records the chat template cannot render (tool calls it drops): counted, never silent
+    if out.refused:
+        refused = f"; {len(out.refused)} records refused (first: {out.refused[0]})"
     print(
         f"astrai data build: {out.records} records, {out.tokens:,} tokens ({out.trained:,} trained){lengths} -> "
-        f"{args.output} ({args.store} store, dataset type {DATASET_TYPES[args.kind]!r})"
+        f"{args.output} ({args.store} store, dataset type {DATASET_TYPES[args.kind]!r}){refused}"
     )
     return 0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Prepare training data: train a tokenizer, build stores from JSON Lines, write the built-in corpus."""
+    """Prepare training data: train a tokenizer, build stores from records, write the built-in corpus."""
     actions = parser.add_subparsers(dest="data_action", metavar="ACTION")
 
     def show_help(args: argparse.Namespace) -> int:
@@ -101,7 +119,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     tokenizer = actions.add_parser("tokenizer", help="train a byte-level BPE tokenizer with a ChatML chat template")
     tokenizer.add_argument(
-        "--input", nargs="*", default=[], metavar="FILE_OR_DIR", help="text files, JSON Lines with 'text', folders"
+        "--input",
+        nargs="*",
+        default=[],
+        metavar="FILE_OR_DIR",
+        help="text files; JSON Lines, JSON, Parquet or Arrow records with 'text'; folders",
     )
     tokenizer.add_argument("--builtin-corpus", action="store_true", help="also train on the built-in corpus")
     tokenizer.add_argument(
@@ -113,9 +135,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     tokenizer.add_argument("--output", required=True, help="folder to save the tokenizer in")
     tokenizer.set_defaults(run=_tokenizer)
 
-    build = actions.add_parser("build", help="tokenise JSON Lines records into a store for a training type")
+    build = actions.add_parser(
+        "build", help="tokenise records (TRL's dataset formats) into a store for a training type"
+    )
     build.add_argument("--kind", choices=KINDS, required=True, help="record kind: text, sft, dpo or grpo")
-    build.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSON Lines files")
+    build.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE_OR_DIR",
+        help=".jsonl, .json, .parquet, .arrow files, folders of them, folders saved by datasets' save_to_disk",
+    )
+    build.add_argument(
+        "--field",
+        type=_field,
+        action="append",
+        default=[],
+        metavar="NAME=COLUMN",
+        help="read field NAME (text, messages, prompt, completion, chosen, rejected, ...) from COLUMN; repeatable",
+    )
+    build.add_argument("--split", default=None, help="split of a saved DatasetDict (default: train, or its only one)")
     build.add_argument("--tokenizer", required=True, help="tokenizer folder (e.g. from 'astrai data tokenizer')")
     build.add_argument("--output", required=True, help="folder for the store (absent or empty)")
     build.add_argument("--store", choices=STORES, default="mmap", help="storage format (default mmap)")

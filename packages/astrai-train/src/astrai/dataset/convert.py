@@ -1,25 +1,24 @@
-"""JSON Lines records to token arrays for each training kind, and the store that holds them.
+"""Records in TRL's dataset formats to token arrays for each training kind, and the store that holds them.
 
-Records and the store keys they become (one segment per record):
+Records (standard: strings; conversational: lists of `{"role", "content"}` messages, see TRL's "Dataset
+formats and types") and the store keys they become, one segment per record:
 
-- text: `{"text": str}` -> sequence `[bos] text eos`.
-- sft: `{"messages": [{"role", "content"}, ...]}` -> sequence, loss_mask (True on assistant turns).
-- dpo: `{"prompt": str or messages, "chosen": str, "rejected": str}` -> chosen, rejected, chosen_mask,
-  rejected_mask (True on the completion tokens).
-- grpo: `{"prompt": str or messages, "responses": [str] * G, "rewards": [number] * G}` -> prompts (1, P)
-  left-padded, prompt_masks (1, P), responses (1, G, R) right-padded, masks (1, G, R), rewards (1, G).
+| kind | record (any of)                                              | store keys                                  |
+|------|--------------------------------------------------------------|---------------------------------------------|
+| text | `text`; `messages`                                           | sequence: `[bos] text eos`, or the rendered chat + eos |
+| sft  | `messages`; `prompt` + `completion`; `text`                  | sequence, loss_mask                         |
+| dpo  | `chosen` + `rejected`, with `prompt` or with the prompt implicit in both | chosen, rejected, chosen_mask, rejected_mask |
+| grpo | `prompt` + `responses` (strings) + `rewards` (numbers)       | prompts, prompt_masks, responses, masks, rewards |
 
-Chat turns are located by rendering the chat template incrementally, never by searching the text: the
-chat up to each message (with the generation prompt before an assistant turn) must render to a prefix
-of the next rendering, and each rendered piece is tokenised on its own, so the ids of every prefix are
-a prefix of the whole by construction. An assistant turn is exactly the ids of its piece; its loss mask
-runs to and including the turn's first stop token (`<|im_end|>`), leaving what the template adds after
-it (a newline) untrained. Tokenising the reply apart from the generation prompt is also what generation
-does (the prompt is encoded, the model's tokens follow it): a reply starting with spaces or a newline is
-cut the same way in training and in use, where encoding the whole text would merge it with the prompt's
-last newline. With templates that put special tokens between messages (ChatML and the common chat
-formats) the other cuts fall on special tokens, where whole-text and piecewise tokenisation agree.
-A prompt given as a plain string is raw text (no template), and its completions end with EOS.
+Loss masks: `messages` trains the assistant turns; `prompt` + `completion` only the completion (TRL's
+completion-only loss; for a conversational completion, its assistant turns); `text` every token. A
+completion (`completion`, `chosen`, `rejected`) follows the format of its prompt: a string after a string
+prompt (raw text ending with EOS), an assistant message's text or a list of messages starting and ending
+with assistant turns after a list of messages. An implicit prompt is, as in TRL's `extract_prompt`, the
+longest common prefix of `chosen` and `rejected`: of their characters (less a space it ends with, which
+stays with the completions) or of their messages. A record may carry `tools` (a list of JSON schemas, or
+that list as a JSON string) for the chat template; see `chat_encoder` for how the template is used and
+when a record with tool calls is refused (counted in `Converted.refused`, not fatal).
 
 DPO pairs are padded to one length L (the longest pair), so windows of L rows hold exactly one pair; GRPO
 prompts to the longest prompt P and responses to the longest response R. Padding uses the pad token (EOS
@@ -29,100 +28,23 @@ written.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from astrai.dataset.chat_encoder import ChatEncoder, Messages, RefusedRecord, Tools
 from astrai.dataset.h5_store import save_h5
-from astrai.dataset.json_store import read_jsonl, save_jsonl
+from astrai.dataset.json_store import save_jsonl
 from astrai.dataset.mmap_store import save_mmap
-from astrai.dataset.store import list_files
+from astrai.dataset.records import string_field
 
 BUILD_KINDS = ("text", "sft", "dpo", "grpo")
 DATASET_TYPES = {"text": "seq", "sft": "sft", "dpo": "dpo", "grpo": "grpo"}  # kind -> DatasetFactory name
 STORE_TYPES = ("mmap", "h5", "json")
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")  # what `read_texts` reads from a folder
-_PROGRESS_BYTES = 1 << 20  # inputs at least this large show a progress bar
-_TEXT_CHUNK_CHARS = 1 << 20  # plain-text files are handed over in line-aligned pieces of about this size
-Messages = list[dict[str, str]]
-
-
-class ChatEncoder:
-    """Token ids of documents, conversations, prompts and completions, with a tokenizer and its chat template."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.eos_id: int | None = tokenizer.eos_id
-        self.pad_id: int | None = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-        self.stop_ids = set(tokenizer.stop_ids)
-
-    def encode(self, text: str) -> list[int]:
-        """The ids of `text` alone: special-token strings in it are recognised, none are added."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def _with_bos(self, ids: list[int]) -> list[int]:
-        bos = self.tokenizer.bos_id
-        return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
-
-    def document(self, text: str) -> list[int]:
-        """A text document as a stream segment: [bos] ids eos."""
-        if self.eos_id is None:
-            raise ValueError("the tokenizer has no eos token; text documents need one to mark where they end")
-        return [*self._with_bos(self.encode(text)), self.eos_id]
-
-    def _render(self, messages: Messages, generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-    def _pieces(self, messages: Messages, where: str) -> Iterator[tuple[str, bool]]:
-        """The conversation's rendering cut at each message (and generation prompt); True marks assistant turns."""
-        done = ""
-        for i, message in enumerate(messages):
-            is_reply = message["role"] == "assistant"
-            steps = [(self._render(messages[:i], True), False)] if is_reply else []
-            steps.append((self._render(messages[: i + 1], False), is_reply))
-            for text, reply in steps:
-                if not text.startswith(done):
-                    raise ValueError(
-                        f"{where}: the chat template does not render messages[:{i + 1}] as an extension of "
-                        f"messages[:{i}], so the assistant turns cannot be located"
-                    )
-                yield text[len(done) :], reply
-                done = text
-
-    def _reply_mask(self, ids: list[int]) -> list[bool]:
-        """True up to and including the first stop token (all True when the piece has none)."""
-        end = next((k + 1 for k, t in enumerate(ids) if t in self.stop_ids), len(ids))
-        return [k < end for k in range(len(ids))]
-
-    def conversation(self, messages: Messages, where: str) -> tuple[list[int], list[bool]]:
-        """Ids of a whole conversation and its loss mask (True on assistant turns and their end tokens)."""
-        ids: list[int] = []
-        mask: list[bool] = []
-        for text, reply in self._pieces(messages, where):
-            piece = self.encode(text)
-            ids += piece
-            mask += self._reply_mask(piece) if reply else [False] * len(piece)
-        with_bos = self._with_bos(ids)
-        return with_bos, [False] * (len(with_bos) - len(ids)) + mask
-
-    def prompt(self, prompt: str | Messages) -> list[int]:
-        """Ids a completion follows: raw text, or messages rendered with the generation prompt."""
-        text = prompt if isinstance(prompt, str) else self._render(prompt, True)
-        return self._with_bos(self.encode(text))
-
-    def completion(self, prompt: str | Messages, text: str, where: str) -> list[int]:
-        """Ids of a reply to `prompt` through its end token: EOS after raw text, the first stop token after chat."""
-        if isinstance(prompt, str):
-            if self.eos_id is None:
-                raise ValueError("the tokenizer has no eos token; completions of plain-text prompts need one")
-            return [*self.encode(text), self.eos_id]
-        *_, (piece, _) = self._pieces([*prompt, {"role": "assistant", "content": text}], where)
-        ids = self.encode(piece)
-        return [t for t, keep in zip(ids, self._reply_mask(ids)) if keep]
 
 
 @dataclass
@@ -130,125 +52,174 @@ class Converted:
     """Arrays ready for a store writer, and counts for the summary."""
 
     data: dict[str, list[np.ndarray]] = field(default_factory=dict)  # key -> one segment per record
-    records: int = 0
+    records: int = 0  # records converted
     tokens: int = 0  # real (not padding) tokens
     trained: int = 0  # tokens under a loss mask
+    refused: list[str] = field(default_factory=list)  # why each refused record was refused ("where: reason")
 
     def add(self, **segments: Sequence[Any]) -> None:
         for key, value in segments.items():
             self.data.setdefault(key, []).append(value)
 
 
-def read_records(files: Sequence[str | Path]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """`("file:line", record)` for each record of the JSON Lines `files`, with a progress bar for large inputs."""
-    paths = [Path(f) for f in files]
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"input {str(path)!r} is not a file")
-    large = sum(p.stat().st_size for p in paths) >= _PROGRESS_BYTES
-    total = sum(_count_lines(p) for p in paths) if large else None
-    with tqdm(total=total, unit=" records", desc="records", disable=not large) as bar:
-        for path in paths:
-            for item in read_jsonl(path):
-                yield item
-                bar.update()
-
-
-def _count_lines(path: Path) -> int:
-    with path.open("rb") as f:
-        return sum(block.count(b"\n") for block in iter(lambda: f.read(_PROGRESS_BYTES), b""))
-
-
-def read_texts(inputs: Sequence[str | Path]) -> Iterator[str]:
-    """The texts of files and folders: `"text"` of each JSON Lines record, plain files in line-aligned pieces.
-
-    A folder contributes its `TEXT_SUFFIXES` files, in sorted path order; a file named directly is read
-    whatever its suffix.
-    """
-    for item in map(Path, inputs):
-        if not item.exists():
-            raise ValueError(f"input {str(item)!r} does not exist")
-        for file in list_files(item, TEXT_SUFFIXES) if item.is_dir() else [item]:
-            if file.suffix == ".jsonl":
-                yield from (_string(record, "text", where) for where, record in read_records([file]))
-                continue
-            with file.open(encoding="utf-8") as f:
-                chunk: list[str] = []
-                size = 0
-                for line in f:
-                    chunk.append(line)
-                    size += len(line)
-                    if size >= _TEXT_CHUNK_CHARS:
-                        yield "".join(chunk)
-                        chunk, size = [], 0
-                if chunk:
-                    yield "".join(chunk)
-
-
-def _string(record: dict[str, Any], key: str, where: str) -> str:
-    if key not in record:
-        raise ValueError(f"{where}: missing key {key!r} (record has {sorted(record)})")
-    if not isinstance(record[key], str):
-        raise ValueError(f"{where}: key {key!r} must be a string, got {type(record[key]).__name__}")
-    return record[key]
-
-
 def _messages(value: Any, key: str, where: str) -> Messages:
+    """A non-empty list of messages: string `role`, string `content` (absent or null beside `tool_calls`)."""
     if not isinstance(value, list) or not value:
         raise ValueError(f"{where}: key {key!r} must be a non-empty list of messages, got {value!r:.80}")
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        content_ok = isinstance(m, dict) and (
+            isinstance(m.get("content"), str) or (m.get("tool_calls") and m.get("content") is None)
+        )
+        if not content_ok or not isinstance(m.get("role"), str):
             raise ValueError(f"{where}: {key}[{i}] must be an object with string 'role' and 'content', got {m!r:.80}")
+        if "tool_calls" in m and not isinstance(m["tool_calls"], list):
+            raise ValueError(f"{where}: {key}[{i}]['tool_calls'] must be a list, got {m['tool_calls']!r:.80}")
     return value
 
 
 def _prompt(record: dict[str, Any], where: str) -> str | Messages:
     if isinstance(record.get("prompt"), list):
         return _messages(record["prompt"], "prompt", where)
-    return _string(record, "prompt", where)
+    return string_field(record, "prompt", where)
+
+
+def _text_or_messages(record: dict[str, Any], key: str, where: str) -> str | Messages:
+    return _messages(record[key], key, where) if isinstance(record.get(key), list) else string_field(record, key, where)
+
+
+def _completion(prompt: str | Messages, value: str | Messages, key: str, where: str) -> str | Messages:
+    """`value` checked as a completion of `prompt`: a string after a string, assistant turn(s) after messages."""
+    if isinstance(value, list):
+        if isinstance(prompt, str):
+            raise ValueError(f"{where}: key {key!r} is a list of messages but the prompt is a string")
+        if value[0]["role"] != "assistant" or value[-1]["role"] != "assistant":
+            roles = [m["role"] for m in value]
+            raise ValueError(f"{where}: key {key!r} must start and end with an assistant turn, got roles {roles}")
+    return value
+
+
+def _tools(record: dict[str, Any], where: str) -> Tools:
+    """The record's `tools` for the chat template: a list of JSON schemas (or that list as JSON text)."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: key 'tools' is a string but not JSON ({exc.msg})") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError(f"{where}: key 'tools' must be a list of JSON schemas (objects), got {tools!r:.80}")
+    return tools or None
+
+
+def _implicit_prompt(chosen: Any, rejected: Any, where: str) -> tuple[Any, Any, Any]:
+    """`(prompt, chosen, rejected)`: the longest common prefix of `chosen` and `rejected` split off, as TRL's
+    `extract_prompt` does (for strings, a space before the cut goes with the completions)."""
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise ValueError(f"{where}: 'chosen' and 'rejected' must both be strings or both lists of messages")
+    shared = next((k for k, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
+    if shared == min(len(chosen), len(rejected)):
+        raise ValueError(
+            f"{where}: 'chosen' and 'rejected' are equal or one extends the other, so no prompt can be split off; "
+            f"give the prompt in its own 'prompt' field"
+        )
+    if isinstance(chosen, str):
+        shared -= shared > 0 and chosen[shared - 1] == " "
+    elif shared == 0:
+        raise ValueError(f"{where}: 'chosen' and 'rejected' share no leading message to use as the prompt")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _sft(enc: ChatEncoder, record: dict[str, Any], where: str) -> tuple[list[int], list[bool]]:
+    tools = _tools(record, where)
+    if "messages" in record:
+        ids, mask = enc.conversation(_messages(record["messages"], "messages", where), where, tools)
+        if not any(mask):
+            raise ValueError(f"{where}: key 'messages' holds no assistant turn to train on")
+        return ids, mask
+    if "prompt" in record and "completion" in record:
+        prompt = _prompt(record, where)
+        completion = _completion(prompt, _text_or_messages(record, "completion", where), "completion", where)
+        head = enc.prompt(prompt, tools)
+        ids, mask = enc.completion(prompt, completion, where, tools)
+        return head + ids, [False] * len(head) + mask
+    if "text" in record:
+        ids = enc.document(string_field(record, "text", where))
+        return ids, [True] * len(ids)
+    raise ValueError(
+        f"{where}: an sft record needs 'messages', 'prompt' + 'completion' or 'text' (record has {sorted(record)})"
+    )
+
+
+def _pair(enc: ChatEncoder, record: dict[str, Any], where: str) -> tuple[list[int], ...]:
+    """One DPO pair: chosen ids, rejected ids and their masks (the prompt is context, not scored)."""
+    tools = _tools(record, where)
+    chosen, rejected = (_text_or_messages(record, key, where) for key in ("chosen", "rejected"))
+    if "prompt" in record:
+        prompt = _prompt(record, where)
+    else:
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected, where)
+    head = enc.prompt(prompt, tools)
+    pair = []
+    for key, completion in (("chosen", chosen), ("rejected", rejected)):
+        ids, mask = enc.completion(prompt, _completion(prompt, completion, key, where), where, tools)
+        pair.append((head + ids, [False] * len(head) + mask))
+    (c_ids, c_mask), (r_ids, r_mask) = pair
+    return c_ids, r_ids, c_mask, r_mask
 
 
 def convert_records(kind: str, records: Iterable[tuple[str, dict[str, Any]]], tokenizer: Any) -> Converted:
-    """Token arrays of `kind` (one of `BUILD_KINDS`) for `(where, record)` pairs, e.g. from `read_records`."""
+    """Token arrays of `kind` (one of `BUILD_KINDS`) for `(where, record)` pairs, e.g. from `read_records`.
+
+    A record the chat template cannot render (see `RefusedRecord`) is skipped and listed in `refused`.
+    """
     if kind not in BUILD_KINDS:
         raise ValueError(f"kind={kind!r}: allowed {list(BUILD_KINDS)}")
     enc = ChatEncoder(tokenizer)
     out = Converted()
-    pairs: list[tuple[list[int], list[int], int]] = []  # dpo: chosen ids, rejected ids, prompt length
+    pairs: list[tuple[list[int], ...]] = []  # dpo: chosen ids, rejected ids, chosen mask, rejected mask
     groups: list[tuple[list[int], list[list[int]], list[float]]] = []  # grpo: prompt, responses, rewards
     for where, record in records:
+        try:
+            if kind == "text":
+                if "messages" in record and "text" not in record:
+                    ids, _ = enc.conversation(
+                        _messages(record["messages"], "messages", where), where, _tools(record, where)
+                    )
+                    if enc.eos_id is None:
+                        raise ValueError("the tokenizer has no eos token; documents need one to mark where they end")
+                    ids = [*ids, enc.eos_id]
+                else:
+                    ids = enc.document(string_field(record, "text", where))
+                out.add(sequence=np.array(ids, dtype=np.int32))
+            elif kind == "sft":
+                ids, mask = _sft(enc, record, where)
+                out.add(sequence=np.array(ids, dtype=np.int32), loss_mask=np.array(mask, dtype=bool))
+            elif kind == "dpo":
+                pairs.append(_pair(enc, record, where))
+            else:
+                groups.append(_group(enc, record, where, groups[0][1] if groups else None))
+        except RefusedRecord as exc:
+            out.refused.append(str(exc))
+            continue
         out.records += 1
-        if kind == "text":
-            out.add(sequence=np.array(enc.document(_string(record, "text", where)), dtype=np.int32))
-        elif kind == "sft":
-            ids, mask = enc.conversation(_messages(record.get("messages"), "messages", where), where)
-            if not any(mask):
-                raise ValueError(f"{where}: key 'messages' holds no assistant turn to train on")
-            out.add(sequence=np.array(ids, dtype=np.int32), loss_mask=np.array(mask, dtype=bool))
-        elif kind == "dpo":
-            prompt = _prompt(record, where)
-            head = enc.prompt(prompt)
-            chosen, rejected = (
-                enc.completion(prompt, _string(record, k, where), where) for k in ("chosen", "rejected")
-            )
-            pairs.append((head + chosen, head + rejected, len(head)))
-        else:
-            groups.append(_group(enc, record, where, groups[0][1] if groups else None))
+    if not out.records:
+        if out.refused:
+            raise ValueError(f"all {len(out.refused)} records were refused; the first: {out.refused[0]}")
+        raise ValueError("the input holds no records")
     if kind == "dpo":
         _pad_pairs(out, pairs, enc.pad_id)
     elif kind == "grpo":
         _pad_groups(out, groups, enc.pad_id)
     else:
-        out.tokens = sum(len(s) for s in out.data.get("sequence", []))
+        out.tokens = sum(len(s) for s in out.data["sequence"])
         out.trained = sum(int(m.sum()) for m in out.data["loss_mask"]) if kind == "sft" else out.tokens
-    if not out.records:
-        raise ValueError("the input holds no records")
     return out
 
 
 def _group(enc: ChatEncoder, record: dict[str, Any], where: str, first: list[list[int]] | None) -> tuple:
     """One GRPO record's prompt ids, response ids and rewards; its group size must match the first record's."""
     prompt = _prompt(record, where)
+    tools = _tools(record, where)
     responses, rewards = record.get("responses"), record.get("rewards")
     if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
         raise ValueError(f"{where}: key 'responses' must be a non-empty list of strings, got {responses!r:.80}")
@@ -262,7 +233,8 @@ def _group(enc: ChatEncoder, record: dict[str, Any], where: str, first: list[lis
         raise ValueError(
             f"{where}: a group of {len(responses)} responses; every record needs the first record's {len(first)}"
         )
-    return enc.prompt(prompt), [enc.completion(prompt, r, where) for r in responses], [float(r) for r in rewards]
+    completions = [enc.completion(prompt, r, where, tools)[0] for r in responses]
+    return enc.prompt(prompt, tools), completions, [float(r) for r in rewards]
 
 
 def _padded(ids: list[int], length: int, pad_id: int, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -274,14 +246,20 @@ def _padded(ids: list[int], length: int, pad_id: int, left: bool = False) -> tup
     return np.array(ids + [pad_id] * pad, dtype=np.int32), np.array(real + [False] * pad)
 
 
-def _pad_pairs(out: Converted, pairs: list[tuple[list[int], list[int], int]], pad_id: int) -> None:
-    length = max((max(len(c), len(r)) for c, r, _ in pairs), default=0)
-    for chosen, rejected, head in pairs:
-        (c_ids, c_real), (r_ids, r_real) = _padded(chosen, length, pad_id), _padded(rejected, length, pad_id)
-        c_real[:head] = r_real[:head] = False  # the prompt is context, not scored
-        out.add(chosen=c_ids, rejected=r_ids, chosen_mask=c_real, rejected_mask=r_real)
+def _pad_pairs(out: Converted, pairs: list[tuple[list[int], ...]], pad_id: int) -> None:
+    length = max((max(len(c), len(r)) for c, r, _, _ in pairs), default=0)
+    for chosen, rejected, c_mask, r_mask in pairs:
+        c_ids, _ = _padded(chosen, length, pad_id)
+        r_ids, _ = _padded(rejected, length, pad_id)
+        pad = [False] * length
+        out.add(
+            chosen=c_ids,
+            rejected=r_ids,
+            chosen_mask=np.array(c_mask + pad[len(c_mask) :]),
+            rejected_mask=np.array(r_mask + pad[len(r_mask) :]),
+        )
         out.tokens += len(chosen) + len(rejected)
-        out.trained += len(chosen) + len(rejected) - 2 * head
+        out.trained += sum(c_mask) + sum(r_mask)
 
 
 def _pad_groups(out: Converted, groups: list[tuple], pad_id: int) -> None:
