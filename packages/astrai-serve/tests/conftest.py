@@ -316,14 +316,17 @@ class FakeEngine:
 
 
 @contextlib.contextmanager
-def serve(app) -> Iterator[str]:
-    """Run `app` under uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
+def serve(app, config: uvicorn.Config | None = None) -> Iterator[str]:
+    """Run `app` (or the app of `config`, whose host and port are ignored) under uvicorn on a free 127.0.0.1 port
+    in a thread; yield its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    config = config or uvicorn.Config(app, lifespan="on", timeout_graceful_shutdown=5)
+    config.log_level = "warning"
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

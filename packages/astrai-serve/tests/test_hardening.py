@@ -15,7 +15,6 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from astrai.serve import create_app
 from astrai.serve.limits import default_max_request_bytes
@@ -240,27 +239,6 @@ def test_a_non_ascii_api_key_matches_its_utf8_bytes(make_server):
     assert r.status_code == 401
 
 
-@contextlib.contextmanager
-def _serve_with_timeouts(app, header_timeout: float, keep_alive_timeout: float):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    port = sock.getsockname()[1]
-    config = server_config(
-        app, host="127.0.0.1", port=port, header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout
-    )
-    config.log_level = "warning"
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-
-
 def _closed_within(sock: socket.socket, seconds: float) -> bool:
     sock.settimeout(seconds)
     try:
@@ -273,11 +251,13 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
     return True
 
 
-def test_idle_and_slow_header_connections_are_closed(fake_engine):
+def test_idle_and_slow_header_connections_are_closed(fake_engine, serve_app):
     engine = fake_engine()
     render = engine.tokenizer.apply_chat_template
     engine.tokenizer.apply_chat_template = lambda *a, **kw: time.sleep(1.2) or render(*a, **kw)
-    with _serve_with_timeouts(create_app(engine), header_timeout=0.5, keep_alive_timeout=0.5) as url:
+    app = create_app(engine)
+    config = server_config(app, host="127.0.0.1", port=0, header_timeout=0.5, keep_alive_timeout=0.5)
+    with serve_app(app, config) as url:
         idle = _raw_request(url, "")
         slow = _raw_request(url, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         assert _closed_within(idle, 3) and _closed_within(slow, 3)
