@@ -275,3 +275,192 @@ def test_read_texts_reads_files_jsonl_and_folders(tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"content": "x"}])
     with pytest.raises(ValueError, match="bad.jsonl:2: missing key 'text'"):
         list(read_texts([tmp_path / "bad.jsonl"]))
+
+
+# ---------------------------------------------------------------- TRL's dataset formats
+
+
+def ids_of(out, key="sequence", index=0):
+    return out.data[key][index].tolist()
+
+
+def test_standard_prompt_completion_trains_only_the_completion(tok):
+    out = convert_records("sft", numbered([{"prompt": "The sky is", "completion": " blue."}]), tok)
+    head = [tok.bos_id, *tok.encode("The sky is", add_special_tokens=False)]
+    reply = [*tok.encode(" blue.", add_special_tokens=False), tok.eos_id]
+    assert ids_of(out) == head + reply
+    assert ids_of(out, "loss_mask") == [False] * len(head) + [True] * len(reply)
+    assert out.trained == len(reply) and out.tokens == len(head) + len(reply)
+
+
+def test_conversational_prompt_completion_trains_only_the_completion(tok):
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the sky?"}]
+    as_list = {"prompt": prompt, "completion": [{"role": "assistant", "content": "It is blue."}]}
+    out = convert_records("sft", numbered([as_list, {**as_list, "completion": "It is blue."}]), tok)
+    head = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+    ids, mask = np.array(ids_of(out)), np.array(ids_of(out, "loss_mask"))
+    assert ids[: len(head)].tolist() == head and not mask[: len(head)].any()
+    assert decode(tok, ids[len(head) :]) == "It is blue." + END and mask[len(head) :].all()  # the "\n" after it is cut
+    assert ids_of(out, index=1) == ids.tolist()  # an assistant turn given as its text is the same record
+    # A whole conversation trains the same tokens, with the template's trailing newline untrained.
+    chat = convert_records("sft", numbered([{"messages": prompt + as_list["completion"]}]), tok)
+    assert ids_of(chat)[: len(ids)] == ids.tolist() and ids_of(chat, "loss_mask")[: len(ids)] == mask.tolist()
+
+
+def test_text_in_sft_trains_every_token_and_messages_in_text_are_documents(tok):
+    out = convert_records("sft", numbered([{"text": "Plain text."}]), tok)
+    assert ids_of(out) == tok.encode("Plain text.") + [tok.eos_id] and all(ids_of(out, "loss_mask"))
+    out = convert_records("text", numbered([{"messages": CHAT[1:3]}]), tok)
+    assert decode(tok, ids_of(out)) == tok.apply_chat_template(CHAT[1:3]) + "<|eos|>"
+
+
+def pair_texts(tok, out, index=0):
+    """(prompt, chosen completion, rejected completion) of pair `index`, decoded."""
+    c, cm = out.data["chosen"][index], out.data["chosen_mask"][index]
+    r, rm = out.data["rejected"][index], out.data["rejected_mask"][index]
+    start = int(np.argmax(cm))
+    return decode(tok, c[:start]), decode(tok, c[cm]), decode(tok, r[rm])
+
+
+def test_preference_with_an_implicit_prompt_splits_off_the_common_prefix(tok):
+    records = [
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},  # TRL's standard implicit-prompt example
+        {
+            "chosen": [
+                {"role": "user", "content": "What color is the sky?"},
+                {"role": "assistant", "content": "It is blue."},
+            ],
+            "rejected": [
+                {"role": "user", "content": "What color is the sky?"},
+                {"role": "assistant", "content": "It is green."},
+            ],
+        },
+    ]
+    out = convert_records("dpo", numbered(records), tok)
+    # As TRL's extract_prompt: the space before the cut goes with the completions.
+    assert pair_texts(tok, out, 0) == ("<|bos|>The sky is", " blue.<|eos|>", " green.<|eos|>")
+    explicit = convert_records(
+        "dpo", numbered([{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}]), tok
+    )
+    assert ids_of(out, "chosen", 0)[: len(ids_of(explicit, "chosen"))] == ids_of(explicit, "chosen")
+    head = tok.apply_chat_template(records[1]["chosen"][:1], add_generation_prompt=True)
+    assert pair_texts(tok, out, 1) == (head, "It is blue." + END, "It is green." + END)
+
+
+def test_conversational_preference_with_explicit_prompt_takes_message_lists(tok):
+    prompt = [{"role": "user", "content": "What color is the sky?"}]
+    listed = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "It is blue."}],
+        "rejected": [{"role": "assistant", "content": "It is green."}],
+    }
+    out = convert_records(
+        "dpo", numbered([listed, {"prompt": prompt, "chosen": "It is blue.", "rejected": "It is green."}]), tok
+    )
+    for key in ("chosen", "rejected", "chosen_mask", "rejected_mask"):
+        assert ids_of(out, key, 0) == ids_of(out, key, 1)
+    assert pair_texts(tok, out) == (
+        tok.apply_chat_template(prompt, add_generation_prompt=True),
+        "It is blue." + END,
+        "It is green." + END,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "record", "message"),
+    [
+        (
+            "sft",
+            {"prompt": "p", "completion": [{"role": "assistant", "content": "c"}]},
+            "is a list of messages but the prompt is a string",
+        ),
+        (
+            "sft",
+            {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "c"}]},
+            "must start and end with an assistant turn",
+        ),
+        ("sft", {"question": "q"}, "an sft record needs 'messages', 'prompt' \\+ 'completion' or 'text'"),
+        ("dpo", {"chosen": "same", "rejected": "same"}, "equal or one extends the other"),
+        ("dpo", {"chosen": "text", "rejected": [{"role": "user", "content": "x"}]}, "both be strings or both lists"),
+        ("dpo", {"chosen": CHAT[1:3], "rejected": CHAT[2:3]}, "share no leading message"),
+        ("sft", {"messages": CHAT[1:3], "tools": "{not json"}, "key 'tools' is a string but not JSON"),
+    ],
+)
+def test_format_errors_name_the_record(tok, kind, record, message):
+    with pytest.raises(ValueError, match=f"mem:1: .*{message}"):
+        convert_records(kind, numbered([record]), tok)
+
+
+# ---------------------------------------------------------------- tool calls
+
+# ChatML with tools, after Qwen2.5's template: the tools in a system turn, tool calls as <tool_call> JSON, and
+# consecutive tool results grouped in one user turn (so a rendering ending in a tool result is not a prefix of
+# one with a second result after it: the chat may only be cut around assistant turns).
+TOOL_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}"
+    "\n<tool_response>{{ m.content }}</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "light", "parameters": {"type": "object"}}}]
+TOOL_CHAT = [
+    {"role": "user", "content": "Lights on in the hall and the kitchen."},
+    {
+        "role": "assistant",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "light", "arguments": {"room": "hall"}}},
+            {"type": "function", "function": {"name": "light", "arguments": {"room": "kitchen"}}},
+        ],
+    },
+    {"role": "tool", "name": "light", "content": "hall on"},
+    {"role": "tool", "name": "light", "content": "kitchen on"},
+    {"role": "assistant", "content": "Both are on."},
+]
+
+
+def with_template(tok, template):
+    return AutoTokenizer(tok.backend_tokenizer, bos_token="<|bos|>", eos_token="<|eos|>", chat_template=template)
+
+
+def test_tool_calls_and_results_are_rendered_by_the_template_and_only_assistant_turns_train(tok):
+    tool_tok = with_template(tok, TOOL_TEMPLATE)
+    out = convert_records("sft", numbered([{"messages": TOOL_CHAT, "tools": TOOLS}]), tool_tok)
+    ids, mask = out.data["sequence"][0], out.data["loss_mask"][0]
+    assert decode(tok, ids) == tool_tok.apply_chat_template(TOOL_CHAT, tools=TOOLS)
+    calls = "".join(f"<tool_call>{json.dumps(c['function'])}</tool_call>" for c in TOOL_CHAT[1]["tool_calls"])
+    assert decode(tok, ids[mask]) == calls + END + "Both are on." + END
+    assert '"name": "light"' in decode(tok, ids[: np.argmax(mask)])  # the tools reached the system turn
+    # tools given as JSON text (as datasets often stores them) are the same record.
+    again = convert_records("sft", numbered([{"messages": TOOL_CHAT, "tools": json.dumps(TOOLS)}]), tool_tok)
+    assert ids_of(again) == ids.tolist() and not out.refused
+
+
+def test_a_template_that_drops_tool_calls_refuses_the_record_and_counts_it(tok):
+    # The built-in ChatML template renders content only: tool calls and tools would vanish from the tokens.
+    records = [
+        {"messages": CHAT[1:3]},
+        {"messages": [TOOL_CHAT[0], {**TOOL_CHAT[1], "content": ""}, TOOL_CHAT[2], TOOL_CHAT[4]]},
+        {"messages": TOOL_CHAT},  # no content beside tool_calls: the template fails on it
+        {"messages": CHAT[1:3], "tools": TOOLS},
+    ]
+    out = convert_records("sft", numbered(records), tok)
+    assert out.records == 1 and len(out.data["sequence"]) == 1
+    first, second, third = out.refused
+    assert first == "mem:2: the chat template does not render the tool_calls of messages[1]"
+    assert second.startswith("mem:3: the chat template cannot render the record's tool messages (")  # jinja's error
+    assert third == "mem:4: the chat template does not render the record's tools"
+    with pytest.raises(ValueError, match="all 1 records were refused; the first: mem:1: the chat template does not"):
+        convert_records("sft", numbered(records[1:2]), tok)
+    # A template that renders tool calls but drops tool results refuses those records too.
+    drops_results = TOOL_TEMPLATE.replace("\n<tool_response>{{ m.content }}</tool_response>", "")
+    drops_results = drops_results.replace("<|im_start|>user{% endif %}", "{% endif %}").replace(
+        "<|im_end|>\n{% endif %}{% else %}", "{% endif %}{% else %}"
+    )
+    with pytest.raises(ValueError, match=r"mem:1: the chat template does not render messages\[2\] \(role 'tool'\)"):
+        convert_records("sft", numbered([{"messages": TOOL_CHAT}]), with_template(tok, drops_results))

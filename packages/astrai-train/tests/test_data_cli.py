@@ -114,3 +114,111 @@ def test_build_errors_name_the_line_and_leave_no_store(tmp_path, tokenizer_dir, 
     (out / "meta.json").write_text("{}")
     assert cli.main([*argv, "--output", str(out)]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
+
+
+QA = [{"question": f"What is {a} + {b}?", "answer": f" {a + b}."} for a, b in ((1, 2), (3, 4), (5, 6))]
+
+
+def write_input(fmt, folder, records):
+    """`records` written in format `fmt`; the path to pass to --input."""
+    if fmt == "jsonl":
+        path = folder / "qa.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    elif fmt == "json":
+        path = folder / "qa.json"
+        path.write_text(json.dumps(records), encoding="utf-8")
+    elif fmt == "parquet":
+        pa = pytest.importorskip("pyarrow")
+        path = folder / "qa.parquet"
+        pytest.importorskip("pyarrow.parquet").write_table(pa.Table.from_pylist(records), path)
+    elif fmt == "arrow":  # a datasets shard: an Arrow IPC stream
+        pa = pytest.importorskip("pyarrow")
+        table = pa.Table.from_pylist(records)
+        path = folder / "qa.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    else:
+        path = folder / "saved"
+        pytest.importorskip("datasets").Dataset.from_list(records).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "arrow", "saved"])
+def test_build_reads_every_format_with_fields_mapped(tmp_path, tokenizer_dir, capsys, fmt):
+    data = write_input(fmt, tmp_path, QA)
+    out = tmp_path / "store"
+    argv = ["data", "build", "--kind", "sft", "--input", str(data), "--tokenizer", str(tokenizer_dir)]
+    argv += ["--field", "prompt=question", "--field", "completion=answer", "--output", str(out)]
+    assert cli.main(argv) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.startswith("astrai data build: 3 records, ") and "refused" not in summary
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dataset = DatasetFactory.load("sft", out, window_size=4)
+    ids = dataset.storage.fetch(0, len(dataset.storage), "sequence").tolist()
+    mask = dataset.storage.fetch(0, len(dataset.storage), "loss_mask").tolist()
+    # Prompt-completion trains only the completions: " 3.<|eos|>", " 7.<|eos|>", " 11.<|eos|>".
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "".join(
+        r["answer"] + "<|eos|>" for r in QA
+    )
+    assert tok.decode(ids) == "".join(r["question"] + r["answer"] for r in QA)
+
+
+def test_build_counts_refused_tool_records_in_the_summary(tmp_path, tokenizer_dir, capsys):
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+    tool_chat = [
+        {"role": "user", "content": "1 + 2?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": "add", "content": "3"},
+        {"role": "assistant", "content": "3."},
+    ]
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    data = write_input("jsonl", tmp_path, [{"messages": plain}, {"messages": tool_chat}, {"messages": plain}])
+    out = tmp_path / "store"
+    argv = [
+        "data",
+        "build",
+        "--kind",
+        "sft",
+        "--input",
+        str(data),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--output",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.startswith("astrai data build: 2 records, ")
+    assert summary.endswith(
+        f"; 1 records refused (first: {data}:2: the chat template does not render the tool_calls of messages[1])"
+    )
+
+
+def test_build_names_the_extra_when_pyarrow_is_missing(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "qa.parquet").write_bytes(b"PAR1")
+    argv = [
+        "data",
+        "build",
+        "--kind",
+        "sft",
+        "--input",
+        str(tmp_path / "qa.parquet"),
+        "--tokenizer",
+        str(tokenizer_dir),
+    ]
+    assert cli.main([*argv, "--output", str(tmp_path / "store")]) == 2
+    assert capsys.readouterr().err == (
+        f"astrai data: error: reading Parquet ({tmp_path / 'qa.parquet'}) needs pyarrow: "
+        "pip install 'astrai-train[hf-data]'\n"
+    )
+
+
+def test_build_rejects_a_bad_field(tmp_path, tokenizer_dir, capsys):
+    argv = ["data", "build", "--kind", "sft", "--input", "x.jsonl", "--tokenizer", str(tokenizer_dir)]
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--output", str(tmp_path / "s"), "--field", "answer"])
+    assert "expected NAME=COLUMN" in capsys.readouterr().err

@@ -245,3 +245,22 @@ def test_file_backed_stores_pickle_as_their_path(tmp_path, kind):
     assert len(blob) < 1_000  # the data (400 kB) is not in the pickle
     clone = pickle.loads(blob)
     assert torch.equal(clone.fetch(100, 200, "sequence"), torch.arange(100, 200))
+
+
+@pytest.mark.parametrize(
+    ("record", "kind"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "sft"),
+        ({"text": "plain text"}, "text"),
+        ({"prompt": "p", "chosen": "c", "rejected": "r"}, "dpo"),
+    ],
+)
+def test_raw_records_are_not_a_store_and_say_to_build_one(tmp_path, record, kind):
+    from astrai.dataset import DatasetFactory
+
+    save_jsonl(tmp_path / "raw.jsonl", [record])
+    with pytest.raises(
+        ValueError,
+        match=rf"raw\.jsonl:1: .* holds raw records .* not a built store; run `astrai data build --kind {kind} ",
+    ):
+        DatasetFactory.load("sft", tmp_path / "raw.jsonl", window_size=4, tokenizer=lambda text: [1, 2])

@@ -3,7 +3,9 @@
 Every record is an object with the same keys; each value becomes one segment of its key. A value is a
 list of numbers (token ids, mask flags, rewards), a nested rectangular list (rows of a multi-dimensional
 key, e.g. `[[p0, p1, ...]]` for one GRPO prompt row), or a string of text, which is tokenised at load
-time with the tokenizer given to `load`. A folder is read file by file in sorted path order (`*.jsonl`
+time with the tokenizer given to `load`. Raw training records (TRL's `messages`, `prompt` / `completion`,
+`chosen` / `rejected`, `text` as text or chat messages) are not a store: loading them is a ValueError
+saying to run `astrai data build` first. A folder is read file by file in sorted path order (`*.jsonl`
 below it); a single `.jsonl` or `.json` file may be named directly. The data is held in RAM.
 
 A `.json` file holds one JSON document, in either layout:
@@ -47,6 +49,8 @@ class JSONStore(Store):
         raw: dict[str, list[Segment]] = {}
         for file in files:
             for where, record in read_json_document(file) if file.suffix == ".json" else read_jsonl(file):
+                if not raw:
+                    _refuse_raw_records(record, where, file)
                 if raw and set(record) != set(raw):
                     raise ValueError(f"{where}: record keys {sorted(record)} differ from {sorted(raw)}")
                 for key, value in record.items():
@@ -100,6 +104,24 @@ def read_json_document(file: Path) -> Iterable[tuple[str, dict[str, Any]]]:
         if not isinstance(record, dict) or not record:
             raise ValueError(f"{where}: a record must be a non-empty JSON object, got {type(record).__name__}")
         yield where, record
+
+
+# The columns of TRL's dataset formats, and the `astrai data build --kind` that turns them into a store.
+RAW_KINDS = {"messages": "sft", "completion": "sft", "chosen": "dpo", "rejected": "dpo", "text": "text"}
+
+
+def _refuse_raw_records(record: dict[str, Any], where: str, file: Path) -> None:
+    """ValueError when `record` is a raw training record (chat messages, prompt / completion, preference
+    text), which a store does not hold: it has to be tokenised into one by `astrai data build` first."""
+    for key in ("messages", "completion", "chosen", "rejected", "prompt", "text"):
+        value = record.get(key)
+        if isinstance(value, str) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
+            kind = next((RAW_KINDS[k] for k in RAW_KINDS if k in record), "grpo" if "responses" in record else "sft")
+            raise ValueError(
+                f"{where}: {str(file)!r} holds raw records (key {key!r}: {type(value).__name__}), not a built store; "
+                f"run `astrai data build --kind {kind} --input {file} --tokenizer DIR --output DIR` first and load "
+                f"that folder"
+            )
 
 
 def _encoder(tokenizer: Any) -> Callable[[str], list[int]] | None:

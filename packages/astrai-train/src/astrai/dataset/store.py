@@ -157,7 +157,8 @@ class StoreFactory(BaseFactory[Store]):
         if not names:
             raise ValueError(
                 f"no loadable data at {str(path)!r}: expected .h5/.hdf5 files, .jsonl files, "
-                f"or a folder with meta.json and <key>.bin files"
+                f"or a folder with meta.json and <key>.bin files (raw records, e.g. Parquet, Arrow or a saved "
+                f"datasets folder, become a store with `astrai data build` first)"
             )
         if len(names) > 1:
             raise ValueError(f"data at {str(path)!r} matches several storage types {names}; pass storage_type")
