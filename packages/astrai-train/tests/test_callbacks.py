@@ -1,4 +1,4 @@
-"""Callbacks: metric log, activation checkpointing, clipping, validation, progress bar, and the
+"""Callbacks: every built-in one is a TrainCallback; metric log, activation checkpointing, clipping, validation, progress bar, and the
 checkpoint taken when SIGTERM arrives mid-window."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from astrai.trainer import (
     MetricLoggerCallback,
     NoneExecutor,
     SFTStrategy,
+    TrainCallback,
     Trainer,
     read_metrics,
 )
@@ -159,3 +160,19 @@ def test_sigterm_checkpoints_at_the_next_step_boundary(tmp_path: Path, make_lm, 
     ckpt = Checkpoint.load(path)
     assert (ckpt.step, ckpt.iteration, ckpt.extra["sampler"]["iter"]) == (2, 8, 0)
     assert ckpt.extra["sampler"]["epoch"] == 1  # all 8 samples of epoch 0 consumed
+
+
+def test_every_builtin_callback_accepts_every_hook() -> None:
+    """The built-in callbacks subclass TrainCallback: a hook a callback does not implement is a no-op."""
+    hooks = [name for name in vars(TrainCallback) if name.startswith("on_")]
+    assert len(hooks) == 9
+    assert sorted(CallbackFactory.list_registered()) == sorted(
+        ["gradient_clipping", "gradient_checkpointing", "checkpoint", "progress_bar", "metric_logger", "validation"]
+    )
+    for name in CallbackFactory.list_registered():
+        cls = CallbackFactory.get_component_class(name)
+        assert issubclass(cls, TrainCallback), name
+        for hook in hooks:
+            assert callable(getattr(cls, hook)), (name, hook)
+            if getattr(cls, hook) is getattr(TrainCallback, hook):  # inherited: does nothing, whatever it is given
+                assert getattr(cls, hook)(object.__new__(cls), SimpleNamespace()) is None, (name, hook)

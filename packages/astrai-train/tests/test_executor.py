@@ -90,3 +90,32 @@ def test_executor_errors() -> None:
     for mode in ("ddp", "fsdp"):
         with pytest.raises(ValueError, match="process group"):
             ExecutorFactory.create(mode).prepare_model(nn.Linear(2, 1))
+
+
+def test_executor_factory_create_takes_parallel_mode() -> None:
+    executor = ExecutorFactory.create(parallel_mode="none", grad_accum_steps=3)
+    assert isinstance(executor, NoneExecutor) and executor.grad_accum_steps == 3
+
+
+def test_accum_wrappers_load_state_dict_round_trip() -> None:
+    """`load_state_dict(d)`: the wrapped optimizer's / scheduler's state comes back as saved."""
+
+    def build() -> tuple[AccumOptimizer, AccumScheduler]:
+        model = nn.Linear(2, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        state = GradientState()
+        return AccumOptimizer(optimizer, state), AccumScheduler(scheduler, state)
+
+    optimizer, scheduler = build()
+    optimizer.optimizer.param_groups[0]["params"][0].grad = torch.ones(1, 2)
+    optimizer.step()
+    scheduler.step()
+    saved_optimizer, saved_scheduler = optimizer.state_dict(), scheduler.state_dict()
+
+    fresh_optimizer, fresh_scheduler = build()
+    fresh_optimizer.load_state_dict(saved_optimizer)
+    fresh_scheduler.load_state_dict(saved_scheduler)
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr() == [0.05]
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.05

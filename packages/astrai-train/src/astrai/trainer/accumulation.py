@@ -71,8 +71,8 @@ class AccumOptimizer:
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
+    def load_state_dict(self, d: dict[str, Any], /) -> None:
+        self.optimizer.load_state_dict(d)
 
 
 class AccumScheduler:
@@ -92,5 +92,5 @@ class AccumScheduler:
     def state_dict(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state_dict)
+    def load_state_dict(self, d: dict[str, Any], /) -> None:
+        self.scheduler.load_state_dict(d)

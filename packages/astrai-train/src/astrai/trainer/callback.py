@@ -16,7 +16,8 @@ Hook order within one optimizer step of the trainer:
     on_step_end                            right after it, once per optimizer step
 
 plus on_train_begin / on_train_end, on_epoch_begin / on_epoch_end and on_error. A callback implements
-any subset; missing hooks are skipped.
+any subset; missing hooks are skipped. The built-in callbacks subclass `TrainCallback`, whose hooks are
+no-ops, so every hook can be called on any of them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class TrainCallback(Protocol):
-    """The hooks a training callback may implement (all optional)."""
+    """The hooks a training callback may implement (all optional). A protocol: a class implementing any
+    subset of the hooks serves; a subclass inherits the ones it does not override as no-ops."""
 
     def on_train_begin(self, context: TrainContext) -> None: ...
     def on_train_end(self, context: TrainContext) -> None: ...
@@ -60,7 +62,7 @@ class CallbackFactory(BaseFactory[Any]):
 
 
 @CallbackFactory.register("gradient_clipping")
-class GradientClippingCallback:
+class GradientClippingCallback(TrainCallback):
     """Records the global gradient norm in `context.grad_norm` and clips it to `max_grad_norm` (> 0)."""
 
     def __init__(self, max_grad_norm: float) -> None:
@@ -72,7 +74,7 @@ class GradientClippingCallback:
 
 
 @CallbackFactory.register("gradient_checkpointing")
-class GradientCheckpointingCallback:
+class GradientCheckpointingCallback(TrainCallback):
     """Activation checkpointing: instances of the given module types (classes, or class names) run their
     forward under `torch.utils.checkpoint` and recompute activations in the backward pass."""
 
@@ -117,7 +119,7 @@ def _disable(module: nn.Module) -> None:
 
 
 @CallbackFactory.register("progress_bar")
-class ProgressBarCallback:
+class ProgressBarCallback(TrainCallback):
     """A tqdm bar per epoch over its micro-batches, with the last step's loss and lr (rank 0 only)."""
 
     def __init__(self, num_epoch: int, log_interval: int = 1, file: IO[str] | None = None) -> None:
@@ -160,7 +162,7 @@ class ProgressBarCallback:
 
 
 @CallbackFactory.register("validation")
-class ValidationCallback:
+class ValidationCallback(TrainCallback):
     """Every `val_step` optimizer steps: the exact mean loss over the whole validation set, summed over
     ranks with SUM all-reduces (gloo has no AVG), stored in `context.val_loss`. It runs when step N's
     gradients are complete, before its update: N's `val_loss` and training `loss` are of the same weights."""

@@ -33,7 +33,7 @@ from astrai.serialization import (
     prune_checkpoints,
     set_rng_state,
 )
-from astrai.trainer.callback import CallbackFactory
+from astrai.trainer.callback import CallbackFactory, TrainCallback
 from astrai.trainer.context import model_config_dict
 from astrai.trainer.lora import has_lora, lora_state_dict
 
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 
 @CallbackFactory.register("checkpoint")
-class CheckpointCallback:
+class CheckpointCallback(TrainCallback):
     """Save to `save_dir/step_<N>` every `interval` optimizer steps (<= 0: only at the end of training)
     and point `save_dir/latest` at it; with `keep`, older step folders than the newest `keep` are deleted.
     `weight_only` saves weights and meta without training state."""

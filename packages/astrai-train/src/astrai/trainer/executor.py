@@ -159,6 +159,12 @@ class ExecutorFactory(BaseFactory[BaseExecutor]):
     kind = "executor"
     base_class = BaseExecutor
 
+    @classmethod
+    def create(cls, parallel_mode: str, *args: Any, **kwargs: Any) -> BaseExecutor:
+        """The executor registered as `parallel_mode` ("none", "ddp", "fsdp"), built with exactly these
+        arguments (e.g. grad_accum_steps and `TrainConfig.executor_kwargs`)."""
+        return super().create(parallel_mode, *args, **kwargs)
+
 
 @ExecutorFactory.register("none")
 class NoneExecutor(BaseExecutor):

@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from astrai.config import METRICS
-from astrai.trainer.callback import CallbackFactory
+from astrai.trainer.callback import CallbackFactory, TrainCallback
 from astrai.trainer.trackers import Tracker, check_trackers, loggable, open_tracker
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 @CallbackFactory.register("metric_logger")
-class MetricLoggerCallback:
+class MetricLoggerCallback(TrainCallback):
     """Append the chosen `metrics` every `log_interval` optimizer steps to `log_dir/metrics.jsonl`, and
     send each record to the trackers named in `report_to` (their libraries are checked here: a missing
     one is a `ValueError` before training)."""
