@@ -7,6 +7,9 @@ another thread, requests queue, cancellation is a flag the loop honours at its n
 is deterministic: the reply to a prompt is `reply(last user text)`, one character per token, then EOS.
 Stop strings go through the engine's own `StopChecker` (held back across pieces, trimmed before the match).
 
+`model_dir` is a real model folder for the tests over the real `InferenceEngine`: a tiny random
+`AutoRegressiveLM` with a character tokenizer (ASCII) and a chat template that refuses an assistant first turn.
+
 `serve(app)` runs uvicorn on a real 127.0.0.1 socket in a background thread. The socket is bound and
 listening before the thread starts, so clients can connect at once (the kernel queues the connection
 until uvicorn accepts it): no polling for readiness.
@@ -18,16 +21,20 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import queue
 import socket
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 import uvicorn
 from tokenizers import Tokenizer, decoders, models
 
+from astrai.config import AutoRegressiveLMConfig
 from astrai.inference import GenerationEvent, LoopStoppedError, QueueFullError, SamplingParams, StopChecker
+from astrai.model import AutoRegressiveLM
 
 SPECIALS = ["<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARS = [chr(c) for c in range(32, 127)] + ["\n", "é", "世", "界", "🙂"]
@@ -401,3 +408,29 @@ def serve_app():
 def fake_engine() -> type[FakeEngine]:
     """The FakeEngine class, for tests that need one with non-default settings."""
     return FakeEngine
+
+
+REAL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('the assistant cannot speak first') }}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A real model folder: see the module docstring."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [chr(c) for c in range(32, 127)])}
+    config = AutoRegressiveLMConfig(
+        vocab_size=len(vocab), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=128, max_len=512
+    )
+    torch.manual_seed(0)
+    AutoRegressiveLM(config).save_pretrained(folder)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(SPECIALS)
+    tok.decoder = decoders.Fuse()
+    tok.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {"eos_token": "<eos>", "unk_token": "<unk>", "chat_template": REAL_CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder

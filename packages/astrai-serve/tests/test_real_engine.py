@@ -15,41 +15,12 @@ import threading
 
 import httpx
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
-from tokenizers import Tokenizer, decoders, models
 
-from astrai.config import AutoRegressiveLMConfig
 from astrai.inference import InferenceEngine
-from astrai.model import AutoRegressiveLM
 from astrai.serve import create_app
 
-SPECIALS = ["<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-CHARS = [chr(c) for c in range(32, 127)]
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('the assistant cannot speak first') }}{% endif %}"
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 USER = [{"role": "user", "content": "Tell me a story."}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
-    config = AutoRegressiveLMConfig(
-        vocab_size=len(vocab), dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=128, max_len=512
-    )
-    torch.manual_seed(0)
-    AutoRegressiveLM(config).save_pretrained(folder)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.add_special_tokens(SPECIALS)
-    tok.decoder = decoders.Fuse()
-    tok.save(str(folder / "tokenizer.json"))
-    tokenizer_config = {"eos_token": "<eos>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    return folder
 
 
 @pytest.fixture

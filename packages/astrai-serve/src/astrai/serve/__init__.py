@@ -10,6 +10,8 @@ from astrai.serve.anthropic_schema import AnthropicMessage, CountTokensRequest, 
 from astrai.serve.app import create_app
 from astrai.serve.auth import APIKeyMiddleware
 from astrai.serve.builder import ResponseBuilder, sse
+from astrai.serve.completions_builder import CompletionsResponseBuilder
+from astrai.serve.completions_schema import CompletionRequest, DetokenizeRequest, TokenizeRequest
 from astrai.serve.context import ChoiceState, GenContext
 from astrai.serve.errors import APIError
 from astrai.serve.fields import TextBlock
@@ -26,7 +28,10 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "ChoiceState",
+    "CompletionRequest",
+    "CompletionsResponseBuilder",
     "CountTokensRequest",
+    "DetokenizeRequest",
     "GenContext",
     "MessagesRequest",
     "OpenAIResponseBuilder",
@@ -35,6 +40,7 @@ __all__ = [
     "StopChecker",
     "StreamOptions",
     "TextBlock",
+    "TokenizeRequest",
     "create_app",
     "render_metrics",
     "sse",

@@ -1,8 +1,9 @@
 """`create_app`: the FastAPI application serving one `InferenceEngine` over HTTP.
 
-Endpoints: `POST /v1/chat/completions` (OpenAI), `POST /v1/messages` and `POST /v1/messages/count_tokens`
-(Anthropic), `GET /v1/models` and `GET /v1/models/{id}` (OpenAI's shapes, or Anthropic's when the request
-carries an `anthropic-version` header), `GET /version`, `GET|HEAD /health` (200 while the engine loop runs,
+Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (OpenAI), `POST /v1/messages` and
+`POST /v1/messages/count_tokens` (Anthropic), `GET /v1/models` and `GET /v1/models/{id}` (OpenAI's shapes, or
+Anthropic's when the request carries an `anthropic-version` header), vLLM's `POST /tokenize`,
+`POST /detokenize` and `GET /tokenizer_info` (what lm-evaluation-harness's remote tokenizer reads), `GET /version`, `GET|HEAD /health` (200 while the engine loop runs,
 else 503), `GET /stats` (the engine's `get_stats()`), `GET /metrics` (Prometheus text).
 
 The server answers to the names in `served_model_names` (the first is reported in responses); a request
@@ -36,7 +37,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from astrai.serve.anthropic_builder import AnthropicResponseBuilder
 from astrai.serve.anthropic_schema import CountTokensRequest, MessagesRequest
 from astrai.serve.auth import APIKeyMiddleware
-from astrai.serve.builder import TEMPLATE_TIME_LIMIT_S, ResponseBuilder
+from astrai.serve.builder import TEMPLATE_TIME_LIMIT_S, ResponseBuilder, check_chars
+from astrai.serve.completions_builder import CompletionsResponseBuilder
+from astrai.serve.completions_schema import CompletionRequest, DetokenizeRequest, TokenizeRequest
 from astrai.serve.errors import ANTHROPIC_ERRORS, OPENAI_ERRORS, APIError
 from astrai.serve.handler import ProtocolHandler
 from astrai.serve.limits import BodyLimitMiddleware, default_max_request_bytes
@@ -103,6 +106,7 @@ def create_app(
     max_request_bytes = max_request_bytes or default_max_request_bytes(engine.max_seq_len)
     openai_builder = OpenAIResponseBuilder(name, template_time_limit=template_time_limit)
     anthropic_builder = AnthropicResponseBuilder(name, template_time_limit=template_time_limit)
+    completions_builder = CompletionsResponseBuilder(name, template_time_limit=template_time_limit)
     started = time.time()
 
     def builder_for(path: str) -> ResponseBuilder:
@@ -171,6 +175,55 @@ def create_app(
         check_model(body.model)
         handler = ProtocolHandler(body, engine, openai_builder, http_request=request, max_queue=max_queue)
         return await handler.handle()
+
+    @app.post("/v1/completions", response_model=None, responses=OPENAI_ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        check_model(body.model)
+        handler = ProtocolHandler(body, engine, completions_builder, http_request=request, max_queue=max_queue)
+        return await handler.handle()
+
+    def tokenize_body(body: TokenizeRequest) -> dict[str, Any]:
+        tokenizer = engine.tokenizer
+        if body.messages is not None:
+            messages = openai_builder.chat_messages(body.messages)
+            tokens = openai_builder.encode_prompt(engine, messages, add_generation_prompt=body.add_generation_prompt)
+            bos = getattr(tokenizer, "bos_id", None)
+            if body.add_special_tokens and bos is not None and tokens[:1] != [bos]:  # the template may have written it
+                tokens = [bos, *tokens]
+        else:
+            check_chars(len(body.prompt or ""), engine.max_seq_len, "prompt")
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            tokens = list(tokenizer.encode(body.prompt, add_special_tokens=add_special))
+        strs = [tokenizer.decode([t], skip_special_tokens=False) for t in tokens] if body.return_token_strs else None
+        return {"count": len(tokens), "max_model_len": engine.max_seq_len, "tokens": tokens, "token_strs": strs}
+
+    @app.post("/tokenize", responses=OPENAI_ERRORS)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+        return await asyncio.to_thread(tokenize_body, body)
+
+    @app.post("/detokenize", responses=OPENAI_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        check_model(body.model)
+        bad = [t for t in body.tokens if t >= engine.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:8]} are not below the vocabulary size {engine.vocab_size}", "tokens")
+        return {"prompt": await asyncio.to_thread(engine.tokenizer.decode, body.tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        tokenizer = engine.tokenizer
+        template = getattr(tokenizer, "chat_template", None)
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            "eos_token": tokenizer.eos_token,
+            "bos_token": tokenizer.bos_token,
+            "pad_token": tokenizer.pad_token,
+            "unk_token": getattr(tokenizer, "unk_token", None),
+            "chat_template": getattr(template, "template_str", template),
+            "model_max_length": engine.max_seq_len,
+            "vocab_size": engine.vocab_size,
+        }
 
     @app.post("/v1/messages", response_model=None, responses=ANTHROPIC_ERRORS)
     async def messages(body: MessagesRequest, request: Request) -> Any:

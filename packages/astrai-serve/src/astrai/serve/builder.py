@@ -41,7 +41,9 @@ def sse(data: dict[str, Any] | str, event: str | None = None) -> str:
     return f"{head}data: {payload}\n\n"
 
 
-def check_context(prompt_tokens: int, max_tokens: int | None, max_seq_len: int, param: str) -> None:
+def check_context(
+    prompt_tokens: int, max_tokens: int | None, max_seq_len: int, param: str, prompt_param: str = "messages"
+) -> None:
     """Refuse (400) a prompt that leaves no room, or a `max_tokens` that does not fit the model's context."""
     if max_tokens is None:
         if prompt_tokens >= max_seq_len:
@@ -49,13 +51,24 @@ def check_context(prompt_tokens: int, max_tokens: int | None, max_seq_len: int, 
                 400,
                 f"the prompt has {prompt_tokens} tokens, which leaves no room to generate within the model's "
                 f"context length of {max_seq_len} tokens",
-                "messages",
+                prompt_param,
             )
     elif prompt_tokens + max_tokens > max_seq_len:
         raise APIError(
             400,
             f"the prompt ({prompt_tokens} tokens) plus {param} ({max_tokens}) exceeds the model's context length "
             f"of {max_seq_len} tokens",
+            param,
+        )
+
+
+def check_chars(chars: int, max_seq_len: int, param: str) -> None:
+    """Refuse (400) text too long for any prompt within the context (`MAX_CHARS_PER_TOKEN`), before tokenising it."""
+    if chars > MAX_CHARS_PER_TOKEN * max_seq_len:
+        raise APIError(
+            400,
+            f"the {param} have {chars} characters, more than a prompt within the model's context length of "
+            f"{max_seq_len} tokens can have (at most {MAX_CHARS_PER_TOKEN} characters per token)",
             param,
         )
 
@@ -124,7 +137,9 @@ class ResponseBuilder(ABC):
     def error_body(self, status: int, message: str, param: str | None) -> tuple[int, dict[str, Any]]:
         """The (HTTP status, JSON body) of a refused request in this protocol's error shape."""
 
-    def encode_prompt(self, engine: InferenceEngine, messages: list[dict[str, str]]) -> list[int]:
+    def encode_prompt(
+        self, engine: InferenceEngine, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Render `messages` ({"role", "content"} dicts) with the chat template and tokenise them, once.
 
         A chat template is Jinja code run on the client's messages, and templates reject conversations they
@@ -132,16 +147,13 @@ class ResponseBuilder(ABC):
         template engine uses; such a refusal, or a render past `template_time_limit`, is the request's
         fault, so it is a 400, never a 500.
         """
-        chars = sum(len(m["content"]) for m in messages)
-        if chars > MAX_CHARS_PER_TOKEN * engine.max_seq_len:
-            raise APIError(
-                400,
-                f"the messages have {chars} characters, more than a prompt within the model's context length of "
-                f"{engine.max_seq_len} tokens can have (at most {MAX_CHARS_PER_TOKEN} characters per token)",
-                "messages",
-            )
+        check_chars(sum(len(m["content"]) for m in messages), engine.max_seq_len, "messages")
         try:
             with render_time_limit(self.template_time_limit):
-                return list(engine.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+                return list(
+                    engine.tokenizer.apply_chat_template(
+                        messages, tokenize=True, add_generation_prompt=add_generation_prompt
+                    )
+                )
         except Exception as exc:
             raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages") from exc

@@ -31,6 +31,9 @@ class ChoiceState:
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet in a stream chunk
+    prompt_ids: list[int] | None = None  # this choice's own prompt (completions' list of prompts), else the request's
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's tokens after the first, when asked for
+    prompt_text: str = ""  # the prompt as text, for a completion's `echo`
 
 
 @dataclass
@@ -48,6 +51,8 @@ class GenContext:
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams arguments other than `stop`
     choices: list[ChoiceState] = field(default_factory=lambda: [ChoiceState(0)])
     token_text: Callable[[int], str] | None = None  # a token id's text, set when the request asked for logprobs
+    echo: bool = False  # completions: each choice's text starts with its prompt
+    generate: bool = True  # False: completions' max_tokens 0; the one token sampled is not reported
 
     def record(self, index: int, event: GenerationEvent) -> None:
         """Fold one engine event of choice `index` into the context."""
@@ -58,7 +63,9 @@ class GenContext:
         if event.logprobs:
             choice.logprobs += event.logprobs
             choice.unsent_logprobs += event.logprobs
-        if index == 0:  # every choice has the same prompt; report the first one's cache hits
+        if event.prompt_logprobs is not None:
+            choice.prompt_logprobs = event.prompt_logprobs
+        if index == 0:  # report the first choice's prompt cache hits (every choice of a chat has the same prompt)
             self.cached_tokens = event.cached_tokens
         if event.finished:
             choice.finished = True

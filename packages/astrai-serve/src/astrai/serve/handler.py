@@ -1,7 +1,7 @@
 """`ProtocolHandler`: serves one generation request, streaming or not, for any `ResponseBuilder`.
 
 Steps: the builder prepares the prompt and context (400 on bad input); one engine request is submitted
-per choice (429 when the queue is full, 503 once the engine loop has stopped; nothing is left behind); then either a `StreamingResponse` whose
+per choice (on the choice's own prompt where it has one: a completion request may hold several) (429 when the queue is full, 503 once the engine loop has stopped; nothing is left behind); then either a `StreamingResponse` whose
 body turns engine events into the protocol's frames, or the collected events turned into one JSON body.
 
 Every way a request can end cancels its engine handles (`handle.cancel()` is idempotent): the streaming
@@ -119,7 +119,8 @@ class ProtocolHandler:
                     seeded = params
                 else:
                     seeded = dataclasses.replace(params, seed=(params.seed + choice.index) % 2**63)
-                handles.append(self.engine.submit(prompt_ids, seeded))
+                prompt = prompt_ids if choice.prompt_ids is None else choice.prompt_ids
+                handles.append(self.engine.submit(prompt, seeded))
         except QueueFullError as exc:
             _cancel_all(handles)
             raise APIError(429, f"the server is overloaded: {exc}") from exc

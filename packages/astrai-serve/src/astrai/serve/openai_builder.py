@@ -17,7 +17,7 @@ from astrai.inference import TokenLogprob
 from astrai.serve.builder import ResponseBuilder, check_context, settle, sse
 from astrai.serve.context import ChoiceState, GenContext
 from astrai.serve.errors import APIError
-from astrai.serve.openai_schema import ChatCompletionRequest
+from astrai.serve.openai_schema import ChatCompletionRequest, ChatMessage
 
 if TYPE_CHECKING:
     from astrai.inference import InferenceEngine
@@ -38,15 +38,17 @@ _ERROR_KINDS = {
 class OpenAIResponseBuilder(ResponseBuilder):
     """Reads `ChatCompletionRequest`s and writes chat completions and their chunks."""
 
+    @staticmethod
+    def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+        """The conversation as {"role", "content"} dicts for the chat template (a developer message is a system one)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+
     def prepare(
         self, request: ChatCompletionRequest, engine: InferenceEngine
     ) -> tuple[list[int], GenContext, list[str]]:
         if request.stream_options is not None and not request.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in request.messages
-        ]
-        prompt_ids = self.encode_prompt(engine, messages)
+        prompt_ids = self.encode_prompt(engine, self.chat_messages(request.messages))
         if request.max_completion_tokens is not None:
             max_tokens, param = request.max_completion_tokens, "max_completion_tokens"
         else:
@@ -109,10 +111,11 @@ class OpenAIResponseBuilder(ResponseBuilder):
 
     @staticmethod
     def _usage(ctx: GenContext) -> dict[str, Any]:
+        completion_tokens = ctx.completion_tokens if ctx.generate else 0
         return {
             "prompt_tokens": ctx.prompt_tokens,
-            "completion_tokens": ctx.completion_tokens,
-            "total_tokens": ctx.prompt_tokens + ctx.completion_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": ctx.prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": ctx.cached_tokens},
         }
 
