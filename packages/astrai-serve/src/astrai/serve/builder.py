@@ -138,7 +138,11 @@ class ResponseBuilder(ABC):
         """The (HTTP status, JSON body) of a refused request in this protocol's error shape."""
 
     def encode_prompt(
-        self, engine: InferenceEngine, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        engine: InferenceEngine,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Render `messages` ({"role", "content"} dicts) with the chat template and tokenise them, once.
 
@@ -147,12 +151,15 @@ class ResponseBuilder(ABC):
         template engine uses; such a refusal, or a render past `template_time_limit`, is the request's
         fault, so it is a 400, never a 500.
         """
-        check_chars(sum(len(m["content"]) for m in messages), engine.max_seq_len, "messages")
+        check_chars(sum(len(m.get("content") or "") for m in messages), engine.max_seq_len, "messages")
         try:
             with render_time_limit(self.template_time_limit):
                 return list(
                     engine.tokenizer.apply_chat_template(
-                        messages, tokenize=True, add_generation_prompt=add_generation_prompt
+                        messages,
+                        tokenize=True,
+                        add_generation_prompt=add_generation_prompt,
+                        **({"tools": tools} if tools is not None else {}),
                     )
                 )
         except Exception as exc:

@@ -9,6 +9,7 @@ with empty `choices` and the usage, then `data: [DONE]`. With include_usage ever
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -39,16 +40,31 @@ class OpenAIResponseBuilder(ResponseBuilder):
     """Reads `ChatCompletionRequest`s and writes chat completions and their chunks."""
 
     @staticmethod
-    def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-        """The conversation as {"role", "content"} dicts for the chat template (a developer message is a system one)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+    def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+        """The conversation as {"role", "content"} dicts for the chat template (a developer message is a system one).
+
+        As transformers passes them: an assistant's `tool_calls` with `function.arguments` parsed into a dict
+        (HF templates expect one), a tool message's `tool_call_id`.
+        """
+        out: list[dict[str, Any]] = []
+        for m in messages:
+            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+            if m.tool_calls:
+                msg["tool_calls"] = [_template_call(c) for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name is not None and m.role == "tool":
+                msg["name"] = m.name
+            out.append(msg)
+        return out
 
     def prepare(
         self, request: ChatCompletionRequest, engine: InferenceEngine
     ) -> tuple[list[int], GenContext, list[str]]:
         if request.stream_options is not None and not request.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
-        prompt_ids = self.encode_prompt(engine, self.chat_messages(request.messages))
+        tools = request.tools if request.tools and request.tool_choice != "none" else None
+        prompt_ids = self.encode_prompt(engine, self.chat_messages(request.messages), tools=tools)
         if request.max_completion_tokens is not None:
             max_tokens, param = request.max_completion_tokens, "max_completion_tokens"
         else:
@@ -168,3 +184,14 @@ class OpenAIResponseBuilder(ResponseBuilder):
         default = ("server_error", None) if status >= 500 else ("invalid_request_error", None)
         kind, code = _ERROR_KINDS.get(status, default)
         return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool call with its JSON-string `function.arguments` parsed into a dict (kept as is if not JSON)."""
+    function = dict(call.get("function") or {})
+    if isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+            pass
+    return {**call, "function": function}

@@ -1,7 +1,7 @@
 """Request schema of OpenAI's `POST /v1/chat/completions`, as far as this server implements it.
 
 Field names, types and ranges follow the OpenAI API reference. Unknown fields are ignored (clients send
-many optional ones); fields that ask for output this server cannot produce (`tools`, a JSON `response_format`)
+many optional ones); fields that ask for output this server cannot produce (a JSON `response_format`)
 are refused instead of silently ignored. `logprobs` / `top_logprobs` (at most 20) report the log-probabilities
 of the model's logits before the sampling filters, as OpenAI and vLLM do. `top_k`, `repetition_penalty` and
 `ignore_eos` are extensions in the style of vLLM.
@@ -27,9 +27,11 @@ class ChatMessage(BaseModel):
 
     model_config = STRICT
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextBlock] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: [{"id", "type", "function": {"name", "arguments"}}]
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     @model_validator(mode="after")
     def _require_content(self) -> ChatMessage:
@@ -76,6 +78,8 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -112,10 +116,3 @@ class ChatCompletionRequest(BaseModel):
         if fmt is not None and fmt.get("type", "text") != "text":
             raise ValueError(f"response_format {fmt.get('type')!r} is not supported; only 'text' is")
         return fmt
-
-    @field_validator("tools")
-    @classmethod
-    def _refuse_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if tools:
-            raise ValueError("tool calling is not supported by this server")
-        return tools
