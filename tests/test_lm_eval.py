@@ -11,7 +11,6 @@ import json
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from itertools import repeat
 
